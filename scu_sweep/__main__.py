@@ -1,0 +1,46 @@
+"""``python -m scu_sweep [overrides] [-m]``: Hydra entry point around ``run``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+from scu_sweep.backend import preload_blas
+
+preload_blas()  # must precede the first `import mlx.core` (DESIGN §4)
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+
+from scu_sweep.config import ConfigError, register  # noqa: E402
+from scu_sweep.records import FAILURE_FILE, atomic_write_json  # noqa: E402
+
+register()
+log = logging.getLogger("scu_sweep")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg) -> float:
+    from scu_sweep.run import RunFailed, run
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        return run(cfg, run_dir, overrides=hc.overrides.task)
+    except (ConfigError, RunFailed) as e:
+        code = 2 if isinstance(e, ConfigError) else 1
+        if not (run_dir / FAILURE_FILE).exists():
+            atomic_write_json(run_dir / FAILURE_FILE, {"stop_reason": None, "error": str(e)})
+        print(f"scu_sweep: error: {e}", file=sys.stderr)
+        if hc.mode == RunMode.MULTIRUN:  # one failed job never takes the sweep down
+            log.error("job %s failed: %s", hc.job.num, e)
+            return math.nan
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

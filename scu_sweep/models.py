@@ -1,0 +1,129 @@
+"""Base models through mlx-lm: the random `tiny` Llama, the SmolLM2 GGUF, any mlx-lm path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .config import ConfigError
+from .paths import cache_dir
+
+_TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+_TINY_FORMAT = 1  # bump when the tiny model files change
+
+
+def _write_byte_tokenizer(out: Path, max_len: int) -> None:
+    """A byte-level tokenizer (256 byte tokens + specials, no merges): offline, lossless."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(_TINY_SPECIALS)
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<pad>",
+        "model_max_length": max_len,
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def tiny_model_dir(tiny_cfg, seed: int) -> Path:
+    """Build (once) an mlx-lm model dir holding a random small Llama; cached by config hash."""
+    from mlx_lm.models import llama
+
+    config = {
+        "model_type": "llama",
+        "hidden_size": tiny_cfg.hidden_size,
+        "intermediate_size": tiny_cfg.intermediate_size,
+        "num_hidden_layers": tiny_cfg.num_hidden_layers,
+        "num_attention_heads": tiny_cfg.num_attention_heads,
+        "num_key_value_heads": tiny_cfg.num_key_value_heads,
+        "vocab_size": tiny_cfg.vocab_size,
+        "max_position_embeddings": tiny_cfg.max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+    }
+    if config["vocab_size"] < 256 + len(_TINY_SPECIALS):
+        raise ConfigError(f"model.tiny.vocab_size={config['vocab_size']}: allowed an int >= {256 + len(_TINY_SPECIALS)}")
+    key = hashlib.sha256(json.dumps([config, seed, _TINY_FORMAT], sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"tiny-{key}"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tiny-"))
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    _write_byte_tokenizer(tmp, config["max_position_embeddings"])
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model_dir(model_cfg) -> str:
+    """The mlx-lm model dir (or hub repo) the configured model loads from."""
+    if model_cfg.path:
+        p = Path(model_cfg.path).expanduser()
+        if p.exists():
+            if not (p / "config.json").is_file():
+                raise ConfigError(f"model.path={model_cfg.path!r}: allowed an mlx-lm model dir (config.json + *.safetensors) or a hub repo id")
+            return str(p.resolve())
+        if model_cfg.path.count("/") != 1 or model_cfg.path.startswith((".", "/", "~")):
+            raise ConfigError(f"model.path={model_cfg.path!r}: no such directory; allowed an mlx-lm model dir or a hub repo id 'org/name'")
+        return model_cfg.path
+    if model_cfg.source == "tiny":
+        return str(tiny_model_dir(model_cfg.tiny, model_cfg.seed))
+    if model_cfg.source == "gguf":
+        from .smollm2 import ensure_model_dir
+
+        return str(ensure_model_dir(gguf_path=model_cfg.gguf))
+    raise ConfigError(f"model.source={model_cfg.source!r}: with model.path=null allowed tiny or gguf")
+
+
+def keep_quantized(setting: str) -> bool:
+    """``auto``: keep quantized weights only where a GPU runs them (CPU quantized matmul is slow)."""
+    if setting == "auto":
+        return mx.default_device() == mx.gpu
+    return setting == "true"
+
+
+def load(model_cfg):
+    """(model, tokenizer, model_ref) with base weights dequantized to fp32 on CPU."""
+    from mlx_lm import load as mlx_load
+    from mlx_lm.utils import dequantize_model
+
+    ref = resolve_model_dir(model_cfg)
+    try:
+        model, tokenizer = mlx_load(ref)
+    except Exception as e:
+        raise ConfigError(f"model.path={ref!r}: could not be loaded by mlx-lm ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+    if not keep_quantized(model_cfg.quantized):
+        model = dequantize_model(model)
+        model.set_dtype(mx.float32)  # CPU: fp16/bf16 matmuls get no BLAS
+    return model, tokenizer, ref
+
+
+def context_length(model, model_cfg):
+    """The model's context limit: ``model.max_seq_len`` or its config's max_position_embeddings."""
+    if model_cfg.max_seq_len:
+        return model_cfg.max_seq_len
+    return getattr(model.args, "max_position_embeddings", None)

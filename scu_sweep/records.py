@@ -1,0 +1,69 @@
+"""Stop reasons, run-dir file names and atomic writes. Pure (stdlib only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+
+class StopReason(str, Enum):
+    SATURATED = "saturated"
+    MAX_STEPS = "max_steps"
+    PRUNED = "pruned"
+    DIVERGED = "diverged"
+
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+FAILURE_FILE = "failure.json"
+ADAPTER_DIR = "adapters"
+
+# Keys every metrics.jsonl row carries (DESIGN §3); evaluation rows add VAL_KEYS.
+ROW_KEYS = ("step", "loss", "data_bpt", "param_bpt", "s_ratio", "lambda", "integral", "lr", "tokens", "wall_s")
+VAL_KEYS = ("val_loss", "val_data_bpt")
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN/inf: store them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file in the same dir, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: Path) -> list:
+    """Rows of a JSONL file; a torn last line (killed writer) is ignored."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows

@@ -1,0 +1,95 @@
+"""``run(cfg, run_dir)``: validate, build, train, keep the adapter, write the summary."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import models
+from .config import ConfigError, validate
+from .data import load_corpus
+from .lora import apply_lora, count_trainable, save_adapter
+from .records import ADAPTER_DIR, FAILURE_FILE, SUMMARY_FILE, StopReason, atomic_write_json
+from .train import Diverged, RunResult, train
+
+log = logging.getLogger(__name__)
+
+_FINAL_KEYS = ("loss", "data_bpt", "param_bpt", "s_ratio", "s_ema", "lambda", "integral", "val_loss", "val_data_bpt")
+
+
+class RunFailed(RuntimeError):
+    """Training started but could not finish (e.g. a non-finite loss); one-line message."""
+
+
+def _summary(cfg, result: RunResult, corpus, n_params: int, adapter_dir: Path, base: str, overrides) -> dict:
+    final = {k: result.last_row.get(k) for k in _FINAL_KEYS}
+    return {
+        "target_s": float(cfg.target_s),
+        "kp": float(cfg.controller.kp),
+        "ki": float(cfg.controller.ki),
+        "prior_sigma": float(cfg.prior.sigma),
+        "final": final,
+        "best": result.best,
+        "stop_reason": result.stop_reason.value,
+        "prune_reason": result.prune_reason,
+        "saturation_step": result.saturation_step,
+        "adapter_step": result.steps_run,
+        "steps_run": result.steps_run,
+        "tokens_seen": result.tokens_seen,
+        "train_tokens": corpus.train_tokens,
+        "val_tokens": corpus.val_tokens,
+        "trainable_params": n_params,
+        "wall_s": result.wall_s,
+        "tokens_per_s": result.tokens_seen / result.wall_s if result.wall_s > 0 else 0.0,
+        "adapter_path": str(adapter_dir),
+        "model": base,
+        "data": cfg.data.name,
+        "unreachable": result.unreachable,
+        "controller_state": result.controller.to_dict() if result.controller else None,
+        "overrides": list(overrides),
+    }
+
+
+def _check_context(model, cfg) -> None:
+    ctx = models.context_length(model, cfg.model)
+    if ctx is not None and cfg.train.seq_len > ctx:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len}: allowed an int <= the model's context {ctx}")
+
+
+def run(cfg, run_dir: Path, overrides=()) -> float:
+    """One SCU training run; returns the objective (validation DataBPT of the kept adapter)."""
+    validate(cfg)
+    run_dir = Path(run_dir)
+    mx.random.seed(cfg.train.seed)
+    model, tokenizer, base = models.load(cfg.model)
+    _check_context(model, cfg)
+    corpus = load_corpus(cfg.data, tokenizer, cfg.train.seq_len)
+    adapter_config = apply_lora(model, cfg.lora)
+    n_params = count_trainable(model)
+    log.info("N=%d train tokens, %d val tokens, %d trainable params", corpus.train_tokens, corpus.val_tokens, n_params)
+
+    from .sinks import make_sinks
+
+    reporter = None
+    if cfg.pruning.storage:
+        from .pruning import make_reporter
+
+        reporter = make_reporter(cfg.pruning)
+    sinks = make_sinks(cfg, run_dir)
+    try:
+        try:
+            result = train(model, corpus, cfg, sinks.log, reporter)
+        except Diverged as e:
+            atomic_write_json(run_dir / FAILURE_FILE, {"stop_reason": StopReason.DIVERGED.value, "error": str(e)})
+            raise RunFailed(f"train.lr={cfg.train.lr}: {e}; allowed a smaller train.lr or controller.lambda_max") from e
+        adapter_dir = save_adapter(model, run_dir / ADAPTER_DIR, adapter_config, base)
+        summary = _summary(cfg, result, corpus, n_params, adapter_dir, base, overrides)
+        sinks.summary(summary, adapter_dir)
+        atomic_write_json(run_dir / SUMMARY_FILE, summary)  # last: its presence means success
+    finally:
+        sinks.close()
+    value = summary["final"]["val_data_bpt"]
+    return float(value) if value is not None else math.nan

@@ -1,0 +1,175 @@
+"""The SCU training loop: compiled LoRA step with λ as an input, PI control, stop rules."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+
+from . import mdl
+from .controller import ControllerConfig, ControllerState, initial_state
+from .controller import step as control_step
+from .data import Corpus, batch_indices, val_batches
+from .lora import sum_sq
+from .records import StopReason
+from .saturation import SaturationConfig, SaturationDetector
+
+log = logging.getLogger(__name__)
+
+
+class Diverged(RuntimeError):
+    """The training loss became non-finite."""
+
+
+def ce_loss(model, x, y):
+    """Mean next-token cross-entropy in nats (fp32 logits)."""
+    logits = model(x).astype(mx.float32)
+    return nn.losses.cross_entropy(logits, y, reduction="mean")
+
+
+def make_train_step(model, optimizer, coef: float):
+    """Compiled step(x, y, lam) -> (ce, Σw²); the loss is CE + lam·coef·Σw².
+
+    ``lam`` is an mx.array argument, so a new λ reaches the gradient without a
+    retrace; model, optimizer and RNG state are declared compile inputs/outputs.
+    """
+
+    def loss_fn(model, x, y, lam):
+        ce = ce_loss(model, x, y)
+        ssq = sum_sq(model.trainable_parameters())
+        return ce + lam * coef * ssq, ce, ssq
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(x, y, lam):
+        (_, ce, ssq), grads = loss_and_grad(model, x, y, lam)
+        optimizer.update(model, grads)
+        return ce, ssq
+
+    return step
+
+
+def make_optimizer(train_cfg) -> optim.Optimizer:
+    """AdamW without weight decay: the SCU prior is the only regulariser."""
+    lr = train_cfg.lr
+    if train_cfg.warmup_steps > 0:
+        lr = optim.join_schedules(
+            [optim.linear_schedule(0.0, train_cfg.lr, train_cfg.warmup_steps), lambda _: train_cfg.lr],
+            [train_cfg.warmup_steps],
+        )
+    return optim.AdamW(learning_rate=lr, weight_decay=0.0)
+
+
+def evaluate(model, eval_ce, corpus: Corpus, batch_size: int, n_batches: int) -> float:
+    """Token-weighted mean validation CE (nats) over a fixed subset of val blocks."""
+    model.eval()
+    total, count = 0.0, 0
+    for block in val_batches(corpus.val, batch_size, n_batches):
+        b = mx.array(block)
+        n = block.shape[0] * (block.shape[1] - 1)
+        total += eval_ce(b[:, :-1], b[:, 1:]).item() * n
+        count += n
+    model.train()
+    return total / count
+
+
+@dataclass
+class RunResult:
+    stop_reason: StopReason
+    steps_run: int
+    last_row: dict
+    prune_reason: Optional[str] = None
+    saturation_step: Optional[int] = None
+    unreachable: Optional[dict] = None
+    best: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+    tokens_seen: int = 0
+    controller: Optional[ControllerState] = None
+
+
+def _row(step, ce, ssq, st: ControllerState, s, coef, lr, tokens, wall) -> dict:
+    dbits, pbits = mdl.data_bpt(ce), ssq * coef / mdl.LN2
+    return {
+        "step": step, "loss": ce, "data_bpt": dbits, "param_bpt": pbits, "s_ratio": s,
+        "s_ema": st.s_ema, "lambda": st.lam, "integral": st.integral, "lr": lr,
+        "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+    }
+
+
+def _evaluate_into(row: dict, best: dict, model, eval_ce, corpus: Corpus, tc) -> dict:
+    """Add val_loss / val_data_bpt to ``row``; return the updated best-validation record."""
+    val_ce = evaluate(model, eval_ce, corpus, tc.batch_size, tc.val_batches)
+    row.update(val_loss=val_ce, val_data_bpt=mdl.data_bpt(val_ce))
+    if not best or row["val_data_bpt"] < best["val_data_bpt"]:
+        return {"val_data_bpt": row["val_data_bpt"], "val_loss": val_ce, "val_step": row["step"]}
+    return best
+
+
+def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=None) -> RunResult:
+    """Train until saturation, pruning, divergence or ``train.steps``."""
+    tc = cfg.train
+    target = float(cfg.target_s)
+    ccfg = ControllerConfig.from_mapping(cfg.controller)
+    detector = SaturationDetector(SaturationConfig.from_mapping(cfg.saturation), target, ccfg.lambda_min, ccfg.lambda_max)
+    coef = mdl.penalty_coef(cfg.prior.sigma, corpus.train_tokens)
+    optimizer = make_optimizer(tc)
+    step_fn = make_train_step(model, optimizer, coef)
+    eval_ce = mx.compile(partial(ce_loss, model), inputs=model.state)
+    state = initial_state(ccfg)
+    tokens_per_step = tc.batch_size * tc.seq_len
+    best: dict = {}
+    stop, prune_reason, sat_step, unreachable = StopReason.MAX_STEPS, None, None, None
+    t0 = time.perf_counter()
+    row: dict = {}
+    for step in range(1, tc.steps + 1):
+        b = mx.array(corpus.train[batch_indices(step - 1, len(corpus.train), tc.batch_size, tc.seed)])
+        ce_a, ssq_a = step_fn(b[:, :-1], b[:, 1:], mx.array(state.lam, dtype=mx.float32))
+        mx.eval(ce_a, ssq_a)
+        ce, ssq = ce_a.item(), ssq_a.item()
+        if not (math.isfinite(ce) and math.isfinite(ssq)):
+            raise Diverged(f"non-finite loss at step {step} (CE={ce}, Σw²={ssq})")
+        s = mdl.s_ratio(mdl.data_bpt(ce), ssq * coef / mdl.LN2)
+        state = control_step(state, s, target, ccfg)
+        row = _row(step, ce, ssq, state, s, coef, float(optimizer.learning_rate), step * tokens_per_step, time.perf_counter() - t0)
+        evaluate_now = step % tc.eval_every == 0 or step == tc.steps
+        if evaluate_now:
+            best = _evaluate_into(row, best, model, eval_ce, corpus, tc)
+            detector.observe_val(row["val_data_bpt"])
+        done = detector.update(step, state.lam, state.s_ema)
+        if done and not evaluate_now:  # the kept adapter gets its own validation
+            best = _evaluate_into(row, best, model, eval_ce, corpus, tc)
+            evaluate_now = True
+        if evaluate_now or step % tc.log_every == 0:
+            log_row(row)
+        if detector.unreachable and unreachable is None:
+            unreachable = {"bound": detector.unreachable, "step": step}
+            bound_val = getattr(ccfg, detector.unreachable)
+            log.warning(
+                "target_s=%g looks unreachable: λ has sat at controller.%s=%g for %d steps with Ŝ=%.4g",
+                target, detector.unreachable, bound_val, cfg.saturation.window, state.s_ema,
+            )
+            if reporter is not None and reporter.in_study:
+                stop, prune_reason = StopReason.PRUNED, "unreachable"
+                break
+        if evaluate_now and reporter is not None and reporter.report(step, row["val_data_bpt"]):
+            stop, prune_reason = StopReason.PRUNED, "pruner"
+            break
+        if done:
+            stop, sat_step = StopReason.SATURATED, step
+            break
+    if "val_data_bpt" not in row:  # pruned between evaluations
+        best = _evaluate_into(row, best, model, eval_ce, corpus, tc)
+    return RunResult(
+        stop_reason=stop, steps_run=row["step"], last_row=row, prune_reason=prune_reason,
+        saturation_step=sat_step, unreachable=unreachable, best=best,
+        wall_s=time.perf_counter() - t0, tokens_seen=row["tokens"], controller=state,
+    )

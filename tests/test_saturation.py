@@ -1,0 +1,73 @@
+from scu_sweep.saturation import SaturationConfig, SaturationDetector
+
+T = 0.03
+
+
+def det(**kw):
+    cfg = SaturationConfig(**{**dict(window=5, lambda_eps=0.01, s_tolerance=0.1, patience=2), **kw})
+    return SaturationDetector(cfg, T, 1e-4, 10.0)
+
+
+def test_synthetic_trace_stops_where_it_should():
+    d = det()
+    lams = [1.0, 0.9, 0.8, 0.85, 0.86, 0.861, 0.862, 0.861, 0.861, 0.861, 0.861, 0.861, 0.861]
+    vals = {3: 5.0, 6: 4.8, 9: 4.9, 12: 4.95}  # best at step 6, then two worse evals
+    stopped = None
+    for t, lam in enumerate(lams, start=1):
+        if t in vals:
+            d.observe_val(vals[t])
+        if d.update(t, lam, 0.0305):
+            stopped = t
+            break
+    # λ stable from step 5 on (window 5 needs steps 5..10), plateau after evals at 9 and 12.
+    assert stopped == 12
+
+
+def test_no_stop_while_s_off_target():
+    d = det(patience=0)
+    assert not any(d.update(t, 1.0, 0.04) for t in range(1, 50))
+
+
+def test_no_stop_while_lambda_moves():
+    d = det(patience=0)
+    assert not any(d.update(t, 1.0 + 0.02 * t, T) for t in range(1, 50))
+
+
+def test_patience_zero_ignores_validation_and_window_is_needed():
+    d = det(patience=0)
+    hits = [d.update(t, 1.0, T) for t in range(1, 8)]
+    assert hits == [False] * 5 + [True, True]
+
+
+def test_disabled_never_stops():
+    d = det(enabled=False, patience=0)
+    assert not any(d.update(t, 1.0, T) for t in range(1, 50))
+
+
+def test_min_steps():
+    d = det(patience=0, min_steps=20)
+    hits = [d.update(t, 1.0, T) for t in range(1, 25)]
+    assert hits.index(True) == 19
+
+
+def test_unreachable_names_the_bound_after_a_window():
+    d = det()
+    for t in range(1, 5):
+        d.update(t, 1e-4, 0.001)
+    assert d.unreachable is None
+    d.update(5, 1e-4, 0.001)
+    assert d.unreachable == "lambda_min"
+    d2 = det()
+    for t in range(1, 6):
+        d2.update(t, 10.0, 0.2)
+    assert d2.unreachable == "lambda_max"
+
+
+def test_unreachable_resets_when_lambda_leaves_the_bound():
+    d = det()
+    for t in range(1, 5):
+        d.update(t, 1e-4, 0.001)
+    d.update(5, 0.5, 0.001)
+    for t in range(6, 10):
+        d.update(t, 1e-4, 0.001)
+    assert d.unreachable is None
