@@ -1,0 +1,112 @@
+"""Composition of every config option, the schema's refusals, and DESIGN §3's bad-input contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from scu_sweep.config import ConfigError, validate
+
+from conftest import CONF, cli, compose_cfg
+
+GROUPS = ["model", "data", "prior", "controller", "saturation", "train", "lora", "logger", "experiment"]
+
+
+def options(group):
+    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+
+
+EXTRA = {("data", "text_files"): ["data.paths=[corpus.txt]"]}  # the one option with a required key
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_validates(group, option):
+    cfg = compose_cfg([f"{group}={option}", *EXTRA.get((group, option), [])])
+    validate(cfg)
+    assert 0 < cfg.target_s < 1
+
+
+def test_defaults_are_the_seed_controller():
+    c = compose_cfg([]).controller
+    assert (c.kp, c.ki, c.deadband, c.ema_alpha, c.leak, c.i_min, c.i_max, c.lambda_init, c.lambda_min, c.lambda_max) == (
+        0.8, 0.15, 0.002, 0.1, 0.995, -0.2, 0.2, 1.0, 1e-4, 10.0)
+
+
+def test_unknown_key_and_wrong_type_fail_at_composition():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["controller.kpp=1.0"])
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["train.steps=many"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("target_s=1.5", "target_s"), ("target_s=0", "target_s"), ("prior.sigma=0", "prior.sigma"),
+    ("prior.sigma=-1", "prior.sigma"), ("controller.kp=-0.1", "controller.kp"), ("controller.ki=-1", "controller.ki"),
+    ("controller.lambda_min=0", "controller.lambda_min"), ("train.steps=0", "train.steps"),
+    ("lora.rank=0", "lora.rank"), ("data.val_fraction=1.0", "data.val_fraction"), ("logger.mode=cloud", "logger.mode"),
+    ("target_s=nan", "target_s"),
+])
+def test_validate_names_the_key_on_one_line(override, key):
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg([override]))
+    msg = str(e.value)
+    assert msg.startswith(f"{key}=") and "allowed" in msg and "\n" not in msg
+
+
+def test_validate_lists_every_offender_at_once():
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(["target_s=2", "prior.sigma=0"]))
+    assert "target_s=" in str(e.value) and "prior.sigma=" in str(e.value)
+
+
+def _assert_clean_failure(proc, key, run_dir: Path):
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("scu_sweep: error:")]
+    assert len(errors) == 1 and key in errors[0] and "allowed" in errors[0], proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr
+    assert not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize("override,key", [
+    ("target_s=1.5", "target_s"), ("prior.sigma=0", "prior.sigma"), ("controller.kp=-1", "controller.kp"),
+    ("model.path=/no/such/model", "model.path"),
+])
+def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, override, key):
+    proc = cli(["model=tiny", "logger=none", override, f"hydra.run.dir={tmp_path}"])
+    _assert_clean_failure(proc, key, tmp_path)
+
+
+def test_cli_missing_data_file(tmp_path):
+    proc = cli(["model=tiny", "logger=none", "data=text_files", "data.paths=[/no/such.txt]", f"hydra.run.dir={tmp_path}"])
+    _assert_clean_failure(proc, "data.paths", tmp_path)
+
+
+def test_cli_corpus_shorter_than_a_sequence(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short to fill two blocks\n")
+    run_dir = tmp_path / "run"
+    proc = cli(["model=tiny", "logger=none", "data=text_files", f"data.paths=[{short}]", f"hydra.run.dir={run_dir}"])
+    _assert_clean_failure(proc, "data", run_dir)
+
+
+def test_cli_non_finite_loss(tmp_path):
+    proc = cli(["model=tiny", "logger=none", "train.lr=1e30", "train.steps=20", f"hydra.run.dir={tmp_path}"])
+    _assert_clean_failure(proc, "train.lr", tmp_path)
+    assert (tmp_path / "failure.json").is_file()
+
+
+def test_a_failing_job_does_not_take_the_multirun_down(tmp_path):
+    proc = cli(["-m", "model=tiny", "logger=none", "train.steps=5", "target_s=0.03,1.5", f"hydra.sweep.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert (tmp_path / "0" / "summary.json").is_file()
+    assert not (tmp_path / "1" / "summary.json").exists() and (tmp_path / "1" / "failure.json").is_file()
+    assert (tmp_path / "sweep_summary.csv").read_text().count("\n") == 3  # header + 2 jobs
+
+
+def test_structured_schema_types():
+    cfg = compose_cfg([])
+    assert OmegaConf.get_type(cfg.controller).__name__ == "ControllerSchema"

@@ -1,0 +1,141 @@
+"""End to end on model=tiny: files of DESIGN §3, formulas in metrics.jsonl, seeds, fixed λ."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from scu_sweep.records import read_jsonl
+
+from conftest import cli, compose_cfg
+
+FAST = ["model=tiny", "logger=none", "train.steps=30", "train.eval_every=10", "train.val_batches=2", "prior.sigma=0.012"]
+
+
+def run_inproc(tmp_path: Path, overrides) -> tuple[dict, list]:
+    from scu_sweep.run import run
+
+    cfg = compose_cfg(FAST + list(overrides))
+    run(cfg, tmp_path)
+    return json.loads((tmp_path / "summary.json").read_text()), read_jsonl(tmp_path / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    proc = cli(FAST + [f"hydra.run.dir={out}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_run_writes_the_promised_files(cli_run):
+    s = json.loads((cli_run / "summary.json").read_text())
+    for key in ("target_s", "kp", "ki", "prior_sigma", "final", "best", "stop_reason", "prune_reason",
+                "saturation_step", "adapter_step", "steps_run", "tokens_seen", "train_tokens", "val_tokens",
+                "trainable_params", "wall_s", "tokens_per_s", "adapter_path"):
+        assert key in s, key
+    assert s["stop_reason"] in ("saturated", "max_steps")
+    assert s["tokens_seen"] == s["steps_run"] * 4 * 128
+    rows = read_jsonl(cli_run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, s["steps_run"] + 1))
+    for r in rows:
+        for key in ("step", "loss", "data_bpt", "param_bpt", "s_ratio", "lambda", "integral", "lr", "tokens", "wall_s"):
+            assert key in r, key
+    assert all("val_data_bpt" in r for r in rows if r["step"] % 10 == 0)
+    adapter = cli_run / "adapters"
+    assert (adapter / "adapters.safetensors").is_file()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert Path(cfg["model"]).is_dir() and cfg["fine_tune_type"] == "lora"
+
+
+def test_adapter_loads_with_mlx_lm_and_matches_trainable_count(cli_run):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    s = json.loads((cli_run / "summary.json").read_text())
+    cfg = json.loads((cli_run / "adapters" / "adapter_config.json").read_text())
+    model, tok = load(cfg["model"], adapter_path=str(cli_run / "adapters"))
+    saved = mx.load(str(cli_run / "adapters" / "adapters.safetensors"))
+    params = dict(tree_flatten(model.parameters()))
+    assert sum(v.size for v in saved.values()) == s["trainable_params"]
+    for k, v in saved.items():
+        assert mx.array_equal(params[k], v), k
+    # tiny: 2 layers × (q,k,v,o: 64→64/32, gate/up 64→128, down 128→64) with r=8
+    dims = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    assert s["trainable_params"] == 2 * sum(8 * (i + o) for i, o in dims)
+
+
+def test_metrics_obey_their_formulas(cli_run):
+    for r in read_jsonl(cli_run / "metrics.jsonl"):
+        assert r["data_bpt"] == pytest.approx(r["loss"] / math.log(2), rel=1e-6)
+        assert r["s_ratio"] == pytest.approx(r["param_bpt"] / (r["param_bpt"] + r["data_bpt"]), rel=1e-6)
+        if "val_loss" in r:
+            assert r["val_data_bpt"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-6)
+
+
+def test_first_row_param_bpt_is_sum_sq_of_the_initial_adapter():
+    """Row 1's Σw² is taken before the first update: compare with the initial weights in float64."""
+    import mlx.core as mx
+    import numpy as np
+
+    from scu_sweep import models
+    from scu_sweep.data import load_corpus
+    from scu_sweep.lora import apply_lora, trainable_leaves
+    from scu_sweep.train import train
+
+    cfg = compose_cfg(FAST + ["train.steps=1"])
+    mx.random.seed(0)
+    model, tok, _ = models.load(cfg.model)
+    corpus = load_corpus(cfg.data, tok, cfg.train.seq_len)
+    apply_lora(model, cfg.lora)
+    ssq = sum(float((np.array(v, dtype=np.float64) ** 2).sum()) for v in trainable_leaves(model).values())
+    rows = []
+    train(model, corpus, cfg, rows.append)
+    expected = ssq / (2 * cfg.prior.sigma**2 * corpus.train_tokens * math.log(2))
+    assert rows[0]["param_bpt"] == pytest.approx(expected, rel=1e-5)
+    assert corpus.train_tokens == corpus.train.shape[0] * cfg.train.seq_len
+
+
+def test_same_seed_same_losses_other_seed_differs(tmp_path):
+    a = run_inproc(tmp_path / "a", ["train.steps=5"])[1]
+    b = run_inproc(tmp_path / "b", ["train.steps=5"])[1]
+    c = run_inproc(tmp_path / "c", ["train.steps=5", "train.seed=1"])[1]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["loss"] for r in a] != [r["loss"] for r in c]
+
+
+def test_large_fixed_lambda_shrinks_param_bpt(tmp_path):
+    common = ["controller.fixed=true", "train.steps=40", "saturation.enabled=false", "train.lr=3e-3"]
+    big = run_inproc(tmp_path / "big", common + ["controller.lambda_init=10"])[0]
+    small = run_inproc(tmp_path / "small", common + ["controller.lambda_init=1e-4"])[0]
+    assert big["final"]["lambda"] == 10 and small["final"]["lambda"] == 1e-4
+    assert big["final"]["param_bpt"] < 0.5 * small["final"]["param_bpt"]
+
+
+def test_saturation_disabled_runs_to_train_steps(tmp_path):
+    s, rows = run_inproc(tmp_path, ["saturation.enabled=false", "saturation.patience=0", "saturation.window=2",
+                                    "saturation.s_tolerance=10", "saturation.lambda_eps=100", "train.steps=12"])
+    assert s["stop_reason"] == "max_steps" and s["steps_run"] == 12 and s["saturation_step"] is None
+
+
+def test_loose_saturation_rule_stops_and_keeps_that_adapter(tmp_path):
+    # A rule every step satisfies once the window is full: the run must stop right there.
+    s, rows = run_inproc(tmp_path, ["saturation.patience=0", "saturation.window=3", "saturation.s_tolerance=10",
+                                    "saturation.lambda_eps=100", "train.steps=30"])
+    assert s["stop_reason"] == "saturated" and s["saturation_step"] == 4 == s["adapter_step"] == rows[-1]["step"]
+    assert "val_data_bpt" in rows[-1] and s["final"]["val_data_bpt"] == pytest.approx(rows[-1]["val_data_bpt"])
+
+
+def test_multirun_three_targets(tmp_path):
+    proc = cli(["-m", *FAST, "target_s=0.02,0.03,0.05", f"hydra.sweep.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    targets = sorted(json.loads((tmp_path / str(i) / "summary.json").read_text())["target_s"] for i in range(3))
+    assert targets == [0.02, 0.03, 0.05]
+    with open(tmp_path / "sweep_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and sorted(float(r["target_s"]) for r in rows) == targets
