@@ -25,6 +25,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg) -> float:
+    preload_blas()  # no-op here; in a spawned worker that unpickled `main` it is the first call
     from scu_sweep.run import RunFailed, run
 
     hc = HydraConfig.get()

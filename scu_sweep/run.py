@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -42,7 +43,9 @@ def _summary(cfg, result: RunResult, corpus, n_params: int, adapter_dir: Path, b
         "train_tokens": corpus.train_tokens,
         "val_tokens": corpus.val_tokens,
         "trainable_params": n_params,
+        "started_at": result.started_at,
         "wall_s": result.wall_s,
+        "pid": os.getpid(),
         "tokens_per_s": result.tokens_seen / result.wall_s if result.wall_s > 0 else 0.0,
         "adapter_path": str(adapter_dir),
         "model": base,
@@ -63,10 +66,10 @@ def run(cfg, run_dir: Path, overrides=()) -> float:
     """One SCU training run; returns the objective (validation DataBPT of the kept adapter)."""
     validate(cfg)
     run_dir = Path(run_dir)
-    mx.random.seed(cfg.train.seed)
     model, tokenizer, base = models.load(cfg.model)
     _check_context(model, cfg)
     corpus = load_corpus(cfg.data, tokenizer, cfg.train.seq_len)
+    mx.random.seed(cfg.train.seed)  # here, so LoRA init and dropout never depend on how the base was built
     adapter_config = apply_lora(model, cfg.lora)
     n_params = count_trainable(model)
     log.info("N=%d train tokens, %d val tokens, %d trainable params", corpus.train_tokens, corpus.val_tokens, n_params)

@@ -92,6 +92,7 @@ class RunResult:
     unreachable: Optional[dict] = None
     best: dict = field(default_factory=dict)
     wall_s: float = 0.0
+    started_at: float = 0.0  # unix time of the first step
     tokens_seen: int = 0
     controller: Optional[ControllerState] = None
 
@@ -128,7 +129,7 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
     tokens_per_step = tc.batch_size * tc.seq_len
     best: dict = {}
     stop, prune_reason, sat_step, unreachable = StopReason.MAX_STEPS, None, None, None
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     row: dict = {}
     for step in range(1, tc.steps + 1):
         b = mx.array(corpus.train[batch_indices(step - 1, len(corpus.train), tc.batch_size, tc.seed)])
@@ -171,5 +172,5 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
     return RunResult(
         stop_reason=stop, steps_run=row["step"], last_row=row, prune_reason=prune_reason,
         saturation_step=sat_step, unreachable=unreachable, best=best,
-        wall_s=time.perf_counter() - t0, tokens_seen=row["tokens"], controller=state,
+        wall_s=time.perf_counter() - t0, started_at=started_at, tokens_seen=row["tokens"], controller=state,
     )
