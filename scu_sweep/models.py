@@ -109,7 +109,8 @@ def keep_quantized(setting: str) -> bool:
 def load(model_cfg):
     """(model, tokenizer, model_ref) with base weights dequantized to fp32 on CPU."""
     from mlx_lm import load as mlx_load
-    from mlx_lm.utils import dequantize_model
+
+    from .gguf import dequantize_fp32
 
     ref = resolve_model_dir(model_cfg)
     try:
@@ -117,7 +118,7 @@ def load(model_cfg):
     except Exception as e:
         raise ConfigError(f"model.path={ref!r}: could not be loaded by mlx-lm ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
     if not keep_quantized(model_cfg.quantized):
-        model = dequantize_model(model)
+        dequantize_fp32(model)
         model.set_dtype(mx.float32)  # CPU: fp16/bf16 matmuls get no BLAS
     return model, tokenizer, ref
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
+from scu_sweep.backend import preload_blas
 
-import pytest
+preload_blas()  # before anything imports mlx: in-process runs get the fast BLAS too
+
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = str(ROOT / "conf")
