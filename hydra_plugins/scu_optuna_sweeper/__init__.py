@@ -1,0 +1,1 @@
+"""scu_sweep's Optuna sweeper for Hydra (``hydra/sweeper=optuna``)."""
