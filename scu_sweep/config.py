@@ -14,6 +14,9 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from .controller import ControllerConfig
+from .saturation import SaturationConfig
+
 
 class ConfigError(ValueError):
     """Bad user input; the message is one line naming the key and what is allowed."""
@@ -58,32 +61,7 @@ class DataConfig:
 
 @dataclass
 class PriorConfig:
-    sigma: float = 0.01  # σ of the N(0, σ²) prior on each LoRA weight
-
-
-@dataclass
-class ControllerSchema:
-    kp: float = 0.8
-    ki: float = 0.15
-    deadband: float = 0.002
-    ema_alpha: float = 0.1
-    leak: float = 0.995
-    i_min: float = -0.2
-    i_max: float = 0.2
-    lambda_init: float = 1.0
-    lambda_min: float = 1e-4
-    lambda_max: float = 10.0
-    fixed: bool = False  # true: λ stays at lambda_init (ablations, tests)
-
-
-@dataclass
-class SaturationSchema:
-    enabled: bool = True
-    window: int = 50  # W control steps
-    lambda_eps: float = 0.01  # |λ_t − λ_{t−W}| < eps
-    s_tolerance: float = 0.1  # |Ŝ − S*| / S* < tol
-    patience: int = 2  # evaluations without a better val DataBPT; 0 ignores validation
-    min_steps: int = 0  # never stop before this step
+    sigma: float = 0.1  # σ of the N(0, σ²) prior on each LoRA weight
 
 
 @dataclass
@@ -93,10 +71,14 @@ class TrainConfig:
     batch_size: int = 4
     seq_len: int = 128
     seed: int = 0
-    eval_every: int = 25
+    eval_every: int = 20
     val_batches: int = 4
     log_every: int = 1
     warmup_steps: int = 0
+
+
+ALL_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 @dataclass
@@ -104,7 +86,7 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0  # scale = alpha / rank, as in PEFT
     dropout: float = 0.0
-    keys: List[str] = field(default_factory=list)  # module names inside a block; [] = all linear
+    keys: List[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))  # modules inside a block; [] = every linear
     num_layers: int = -1  # last N blocks get LoRA; -1 = all
 
 
@@ -134,8 +116,8 @@ class SCUConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
-    controller: ControllerSchema = field(default_factory=ControllerSchema)
-    saturation: SaturationSchema = field(default_factory=SaturationSchema)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)  # frozen: pure module's own schema
+    saturation: SaturationConfig = field(default_factory=SaturationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -7,8 +7,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 
-@dataclass(frozen=True)
+@dataclass
 class ControllerConfig:
+    """Gains and limits; also the Hydra schema of ``controller.*`` (the one home of these defaults)."""
+
     kp: float = 0.8
     ki: float = 0.15
     deadband: float = 0.002

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 
-@dataclass(frozen=True)
+@dataclass
 class SaturationConfig:
+    """The stop rule's settings; also the Hydra schema of ``saturation.*``."""
+
     enabled: bool = True
-    window: int = 50
-    lambda_eps: float = 0.01
+    window: int = 20
+    lambda_eps: float = 0.02
     s_tolerance: float = 0.1
     patience: int = 2
     min_steps: int = 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -17,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .records import METRICS_FILE
+from .records import METRICS_FILE, json_safe
 
 log = logging.getLogger("scu_sweep.progress")
 
@@ -53,17 +52,6 @@ def scrub(obj: Any, secrets: set | None = None) -> Any:
     return obj
 
 
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN/inf: they become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 class JsonlSink:
     """Appends each row to run_dir/metrics.jsonl, flushed per line (readable while running)."""
 
@@ -71,7 +59,7 @@ class JsonlSink:
         self._f = open(Path(run_dir) / METRICS_FILE, "a")  # noqa: SIM115 - open for the run
 
     def log(self, row: dict) -> None:
-        self._f.write(json.dumps(_finite(row)) + "\n")
+        self._f.write(json.dumps(json_safe(row)) + "\n")
         self._f.flush()
 
     def summary(self, summary: dict, adapter_dir: Path | None) -> None:
@@ -203,12 +191,12 @@ class WandbSink:
     def log(self, row: dict) -> None:
         if self.run is not None:
             self._last_step = row.get("step", self._last_step)
-            self._call("log", self.run.log, _finite(row))
+            self._call("log", self.run.log, json_safe(row))
 
     def summary(self, summary: dict, adapter_dir: Path | None) -> None:
         if self.run is None:
             return
-        self._call("summary", self.run.summary.update, scrub(_finite(summary)))
+        self._call("summary", self.run.summary.update, scrub(json_safe(summary)))
         png = self._run_dir / "scu_run.png"
         if png.exists():
             self._call("image", lambda: self.run.log(
@@ -220,7 +208,7 @@ class WandbSink:
         meta = {k: summary.get(k) for k in ("model", "data", "target_s", "stop_reason",
                                             "adapter_step", "saturation_step", "final")}
         art = self._wandb.Artifact(f"scu-adapter-{self.run.id}", type="model",
-                                   metadata=scrub(_finite(meta)))
+                                   metadata=scrub(json_safe(meta)))
         for f in sorted(p for p in adapter_dir.iterdir() if p.is_file()):
             art.add_file(str(f), name=f.name)  # add_dir would print to the console
         aliases = ["latest"] + ([summary["stop_reason"]] if summary.get("stop_reason") else [])

@@ -109,4 +109,14 @@ def test_a_failing_job_does_not_take_the_multirun_down(tmp_path):
 
 def test_structured_schema_types():
     cfg = compose_cfg([])
-    assert OmegaConf.get_type(cfg.controller).__name__ == "ControllerSchema"
+    assert OmegaConf.get_type(cfg.controller).__name__ == "ControllerConfig"
+
+
+@pytest.mark.parametrize("group", ["prior", "controller", "saturation", "train", "lora"])
+def test_default_yaml_and_schema_hold_the_same_numbers(group):
+    """One home per default: conf/<group>/default.yaml may only restate the schema's values."""
+    from scu_sweep.config import SCUConfig
+
+    yaml_values = OmegaConf.to_container(OmegaConf.load(Path(CONF) / group / "default.yaml"))
+    schema = OmegaConf.to_container(OmegaConf.structured(SCUConfig)[group])
+    assert yaml_values == {k: schema[k] for k in yaml_values}
