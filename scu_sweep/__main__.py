@@ -23,6 +23,27 @@ log = logging.getLogger("scu_sweep")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def _run_ranks(cfg, run_dir: Path, overrides) -> float:
+    """``train.ranks`` > 1: validate here, train as N processes, read rank 0's summary."""
+    import json
+
+    from scu_sweep.config import validate
+    from scu_sweep.ranks import launch
+    from scu_sweep.records import SUMMARY_FILE
+    from scu_sweep.run import RunFailed
+
+    validate(cfg)
+    code = launch(cfg, run_dir, overrides)
+    if code != 0:
+        failure = run_dir / FAILURE_FILE
+        reason = json.loads(failure.read_text()).get("error") if failure.exists() else f"ranks exited with {code}"
+        if code == 2:
+            raise ConfigError(reason)
+        raise RunFailed(f"train.ranks={cfg.train.ranks}: {reason}")
+    value = json.loads((run_dir / SUMMARY_FILE).read_text())["final"]["val_data_bpt"]
+    return float(value) if value is not None else math.nan
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg) -> float:
     preload_blas()  # no-op here; in a spawned worker that unpickled `main` it is the first call
@@ -31,6 +52,8 @@ def main(cfg) -> float:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
+        if cfg.train.ranks > 1:
+            return _run_ranks(cfg, run_dir, hc.overrides.task)
         return run(cfg, run_dir, overrides=hc.overrides.task)
     except (ConfigError, RunFailed) as e:
         code = 2 if isinstance(e, ConfigError) else 1

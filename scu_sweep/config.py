@@ -75,6 +75,7 @@ class TrainConfig:
     val_batches: int = 4
     log_every: int = 1
     warmup_steps: int = 0
+    ranks: int = 1  # data-parallel processes for one run (mx.distributed); batch_size % ranks == 0
 
 
 ALL_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -169,6 +170,8 @@ def _checks(cfg: Any):
         yield f"train.{k}", g(f"train.{k}") >= 1, "an int >= 1"
     yield "train.lr", fin(g("train.lr")) and g("train.lr") > 0, "a float > 0"
     yield "train.warmup_steps", g("train.warmup_steps") >= 0, "an int >= 0"
+    ranks = g("train.ranks")
+    yield "train.ranks", ranks >= 1 and g("train.batch_size") % ranks == 0, "an int >= 1 dividing train.batch_size"
     yield "lora.rank", g("lora.rank") >= 1, "an int >= 1"
     yield "lora.alpha", fin(g("lora.alpha")) and g("lora.alpha") > 0, "a float > 0"
     yield "lora.dropout", fin(g("lora.dropout")) and 0 <= g("lora.dropout") < 1, "a float in [0, 1)"

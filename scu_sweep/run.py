@@ -62,16 +62,34 @@ def _check_context(model, cfg) -> None:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len}: allowed an int <= the model's context {ctx}")
 
 
-def run(cfg, run_dir: Path, overrides=()) -> float:
-    """One SCU training run; returns the objective (validation DataBPT of the kept adapter)."""
+def _train(model, corpus, cfg, run_dir: Path, log_row, reporter, group, lead: bool):
+    """train(); a non-finite loss becomes RunFailed (and failure.json, written by the lead)."""
+    try:
+        return train(model, corpus, cfg, log_row, reporter, group)
+    except Diverged as e:
+        if lead:
+            atomic_write_json(run_dir / FAILURE_FILE, {"stop_reason": StopReason.DIVERGED.value, "error": str(e)})
+        raise RunFailed(f"train.lr={cfg.train.lr}: {e}; allowed a smaller train.lr or controller.lambda_max") from e
+
+
+def run(cfg, run_dir: Path, overrides=(), group=None) -> float:
+    """One SCU training run; returns the objective (validation DataBPT of the kept adapter).
+
+    With an ``mx.distributed`` group (``train.ranks`` > 1) every rank trains its shard;
+    rank 0 alone writes files, logs and talks to Optuna.
+    """
     validate(cfg)
     run_dir = Path(run_dir)
+    lead = group is None or group.rank() == 0
     model, tokenizer, base = models.load(cfg.model)
     _check_context(model, cfg)
     corpus = load_corpus(cfg.data, tokenizer, cfg.train.seq_len)
     mx.random.seed(cfg.train.seed)  # here, so LoRA init and dropout never depend on how the base was built
     adapter_config = apply_lora(model, cfg.lora)
     n_params = count_trainable(model)
+    if not lead:
+        _train(model, corpus, cfg, run_dir, lambda row: None, None, group, lead)
+        return math.nan
     log.info("N=%d train tokens, %d val tokens, %d trainable params", corpus.train_tokens, corpus.val_tokens, n_params)
 
     from .sinks import make_sinks
@@ -83,13 +101,10 @@ def run(cfg, run_dir: Path, overrides=()) -> float:
         reporter = make_reporter(cfg.pruning)
     sinks = make_sinks(cfg, run_dir)
     try:
-        try:
-            result = train(model, corpus, cfg, sinks.log, reporter)
-        except Diverged as e:
-            atomic_write_json(run_dir / FAILURE_FILE, {"stop_reason": StopReason.DIVERGED.value, "error": str(e)})
-            raise RunFailed(f"train.lr={cfg.train.lr}: {e}; allowed a smaller train.lr or controller.lambda_max") from e
+        result = _train(model, corpus, cfg, run_dir, sinks.log, reporter, group, lead)
         adapter_dir = save_adapter(model, run_dir / ADAPTER_DIR, adapter_config, base)
         summary = _summary(cfg, result, corpus, n_params, adapter_dir, base, overrides)
+        summary["ranks"] = 1 if group is None else group.size()
         sinks.summary(summary, adapter_dir)
         atomic_write_json(run_dir / SUMMARY_FILE, summary)  # last: its presence means success
     finally:

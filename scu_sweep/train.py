@@ -34,11 +34,13 @@ def ce_loss(model, x, y):
     return nn.losses.cross_entropy(logits, y, reduction="mean")
 
 
-def make_train_step(model, optimizer, coef: float):
+def make_train_step(model, optimizer, coef: float, group=None):
     """Compiled step(x, y, lam) -> (ce, Σw²); the loss is CE + lam·coef·Σw².
 
     ``lam`` is an mx.array argument, so a new λ reaches the gradient without a
     retrace; model, optimizer and RNG state are declared compile inputs/outputs.
+    With a distributed ``group`` each rank holds an equal shard of the batch:
+    gradients and CE are averaged across ranks, so every rank sees the global values.
     """
 
     def loss_fn(model, x, y, lam):
@@ -52,6 +54,9 @@ def make_train_step(model, optimizer, coef: float):
     @partial(mx.compile, inputs=state, outputs=state)
     def step(x, y, lam):
         (_, ce, ssq), grads = loss_and_grad(model, x, y, lam)
+        if group is not None:
+            grads = nn.average_gradients(grads, group=group)
+            ce = mx.distributed.all_sum(ce, group=group) / group.size()
         optimizer.update(model, grads)
         return ce, ssq
 
@@ -69,16 +74,24 @@ def make_optimizer(train_cfg) -> optim.Optimizer:
     return optim.AdamW(learning_rate=lr, weight_decay=0.0)
 
 
-def evaluate(model, eval_ce, corpus: Corpus, batch_size: int, n_batches: int) -> float:
-    """Token-weighted mean validation CE (nats) over a fixed subset of val blocks."""
+def evaluate(model, eval_ce, corpus: Corpus, batch_size: int, n_batches: int, group=None) -> float:
+    """Token-weighted mean validation CE (nats) over a fixed subset of val blocks.
+
+    With a ``group`` each rank takes its own rows of every batch and the sums are reduced.
+    """
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
     model.eval()
     total, count = 0.0, 0
     for block in val_batches(corpus.val, batch_size, n_batches):
-        b = mx.array(block)
-        n = block.shape[0] * (block.shape[1] - 1)
-        total += eval_ce(b[:, :-1], b[:, 1:]).item() * n
-        count += n
+        block = block[rank::size]
+        if len(block):
+            b = mx.array(block)
+            n = block.shape[0] * (block.shape[1] - 1)
+            total += eval_ce(b[:, :-1], b[:, 1:]).item() * n
+            count += n
     model.train()
+    if group is not None:
+        total, count = mx.distributed.all_sum(mx.array([total, float(count)]), group=group).tolist()
     return total / count
 
 
@@ -106,24 +119,36 @@ def _row(step, ce, ssq, st: ControllerState, s, coef, lr, tokens, wall) -> dict:
     }
 
 
-def _evaluate_into(row: dict, best: dict, model, eval_ce, corpus: Corpus, tc) -> dict:
+def _evaluate_into(row: dict, best: dict, model, eval_ce, corpus: Corpus, tc, group=None) -> dict:
     """Add val_loss / val_data_bpt to ``row``; return the updated best-validation record."""
-    val_ce = evaluate(model, eval_ce, corpus, tc.batch_size, tc.val_batches)
+    val_ce = evaluate(model, eval_ce, corpus, tc.batch_size, tc.val_batches, group)
     row.update(val_loss=val_ce, val_data_bpt=mdl.data_bpt(val_ce))
     if not best or row["val_data_bpt"] < best["val_data_bpt"]:
         return {"val_data_bpt": row["val_data_bpt"], "val_loss": val_ce, "val_step": row["step"]}
     return best
 
 
-def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=None) -> RunResult:
-    """Train until saturation, pruning, divergence or ``train.steps``."""
+def _any_rank(flag: bool, group) -> bool:
+    """True on every rank when ``flag`` is true on any (rank 0 alone talks to Optuna)."""
+    if group is None:
+        return flag
+    return mx.distributed.all_sum(mx.array(float(flag)), group=group).item() > 0
+
+
+def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=None, group=None) -> RunResult:
+    """Train until saturation, pruning, divergence or ``train.steps``.
+
+    ``group``: an ``mx.distributed`` group; each rank trains on its rows of every batch.
+    """
     tc = cfg.train
     target = float(cfg.target_s)
     ccfg = ControllerConfig.from_mapping(cfg.controller)
     detector = SaturationDetector(SaturationConfig.from_mapping(cfg.saturation), target, ccfg.lambda_min, ccfg.lambda_max)
     coef = mdl.penalty_coef(cfg.prior.sigma, corpus.train_tokens)
     optimizer = make_optimizer(tc)
-    step_fn = make_train_step(model, optimizer, coef)
+    step_fn = make_train_step(model, optimizer, coef, group)
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    in_study = bool(cfg.pruning.storage)
     eval_ce = mx.compile(partial(ce_loss, model), inputs=model.state)
     state = initial_state(ccfg)
     tokens_per_step = tc.batch_size * tc.seq_len
@@ -132,7 +157,8 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
     t0, started_at = time.perf_counter(), time.time()
     row: dict = {}
     for step in range(1, tc.steps + 1):
-        b = mx.array(corpus.train[batch_indices(step - 1, len(corpus.train), tc.batch_size, tc.seed)])
+        rows = batch_indices(step - 1, len(corpus.train), tc.batch_size, tc.seed)
+        b = mx.array(corpus.train[rows[rank::size]])
         ce_a, ssq_a = step_fn(b[:, :-1], b[:, 1:], mx.array(state.lam, dtype=mx.float32))
         mx.eval(ce_a, ssq_a)
         ce, ssq = ce_a.item(), ssq_a.item()
@@ -143,11 +169,11 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
         row = _row(step, ce, ssq, state, s, coef, float(optimizer.learning_rate), step * tokens_per_step, time.perf_counter() - t0)
         evaluate_now = step % tc.eval_every == 0 or step == tc.steps
         if evaluate_now:
-            best = _evaluate_into(row, best, model, eval_ce, corpus, tc)
+            best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
             detector.observe_val(row["val_data_bpt"])
         done = detector.update(step, state.lam, state.s_ema)
         if done and not evaluate_now:  # the kept adapter gets its own validation
-            best = _evaluate_into(row, best, model, eval_ce, corpus, tc)
+            best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
             evaluate_now = True
         if evaluate_now or step % tc.log_every == 0:
             log_row(row)
@@ -158,17 +184,17 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
                 "target_s=%g looks unreachable: λ has sat at controller.%s=%g for %d steps with Ŝ=%.4g",
                 target, detector.unreachable, bound_val, cfg.saturation.window, state.s_ema,
             )
-            if reporter is not None and reporter.in_study:
+            if in_study:
                 stop, prune_reason = StopReason.PRUNED, "unreachable"
                 break
-        if evaluate_now and reporter is not None and reporter.report(step, row["val_data_bpt"]):
+        if evaluate_now and _any_rank(reporter is not None and reporter.report(step, row["val_data_bpt"]), group):
             stop, prune_reason = StopReason.PRUNED, "pruner"
             break
         if done:
             stop, sat_step = StopReason.SATURATED, step
             break
     if "val_data_bpt" not in row:  # pruned between evaluations
-        best = _evaluate_into(row, best, model, eval_ce, corpus, tc)
+        best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
     return RunResult(
         stop_reason=stop, steps_run=row["step"], last_row=row, prune_reason=prune_reason,
         saturation_step=sat_step, unreachable=unreachable, best=best,

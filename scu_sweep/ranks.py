@@ -1,0 +1,88 @@
+"""Data-parallel runs: ``train.ranks=N`` trains one run as N processes (``mx.distributed``).
+
+The Hydra job validates the config, writes it resolved into the run dir and starts the
+ranks with ``mlx.launch`` (ring backend on loopback, one BLAS thread each); every rank
+then runs ``python -m scu_sweep.ranks RUN_DIR``. Rank 0 alone writes the run's files.
+Across machines, pass a host file: ``hydra.job.env_set.SCU_SWEEP_HOSTFILE=hosts.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+RANK_DIR = "ranks"  # inside the run dir: resolved config and overrides for the ranks
+HOSTFILE_ENV = "SCU_SWEEP_HOSTFILE"
+
+
+def _free_port_block(n: int) -> int:
+    """A port p with p .. p+n-1 free on loopback (the ring backend listens on p + rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65536:
+            continue
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for i, sk in enumerate(socks):
+                sk.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sk in socks:
+                sk.close()
+    raise RuntimeError("no free block of loopback ports for the ranks")
+
+
+def launch(cfg, run_dir: Path, overrides) -> int:
+    """Start ``train.ranks`` processes on this run; return the launcher's exit code."""
+    d = Path(run_dir) / RANK_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (d / "overrides.json").write_text(json.dumps(list(overrides)))
+    n = int(cfg.train.ranks)
+    cmd = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]  # = mlx.launch
+    if os.environ.get(HOSTFILE_ENV):
+        cmd += ["--hostfile", os.environ[HOSTFILE_ENV]]
+    else:
+        cmd += ["-n", str(n), "--starting-port", str(_free_port_block(n))]
+    cmd += ["--env", "OPENBLAS_NUM_THREADS=1", "--env", "OMP_NUM_THREADS=1", "--cwd", os.getcwd(),
+            "--", sys.executable, "-m", "scu_sweep.ranks", str(Path(run_dir).resolve())]
+    return subprocess.run(cmd).returncode
+
+
+def main(run_dir: str) -> int:
+    """One rank: join the group, run, exit 0 / 1 (run failed) / 2 (bad input)."""
+    from .backend import preload_blas
+
+    preload_blas()
+    import mlx.core as mx
+
+    from .config import ConfigError
+    from .run import RunFailed, run
+
+    d = Path(run_dir) / RANK_DIR
+    cfg = OmegaConf.load(d / "config.yaml")
+    group = mx.distributed.init(strict=True)
+    if group.rank() == 0:  # rank 0 speaks for the run, as the Hydra job would
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        run(cfg, Path(run_dir), overrides=json.loads((d / "overrides.json").read_text()), group=group)
+    except (ConfigError, RunFailed) as e:
+        if group.rank() == 0:
+            print(f"scu_sweep: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
