@@ -61,13 +61,13 @@ class DataConfig:
 
 @dataclass
 class PriorConfig:
-    sigma: float = 0.1  # σ of the N(0, σ²) prior on each LoRA weight
+    sigma: float = 0.24  # σ of the N(0, σ²) prior on each LoRA weight
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    lr: float = 1e-3
+    steps: int = 100
+    lr: float = 3e-4
     batch_size: int = 4
     seq_len: int = 128
     seed: int = 0
@@ -84,8 +84,8 @@ ALL_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "
 
 @dataclass
 class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0  # scale = alpha / rank, as in PEFT
+    rank: int = 16
+    alpha: float = 32.0  # scale = alpha / rank, as in PEFT
     dropout: float = 0.0
     keys: List[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))  # modules inside a block; [] = every linear
     num_layers: int = -1  # last N blocks get LoRA; -1 = all

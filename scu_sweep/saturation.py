@@ -12,11 +12,11 @@ class SaturationConfig:
     """The stop rule's settings; also the Hydra schema of ``saturation.*``."""
 
     enabled: bool = True
-    window: int = 20
+    window: int = 10
     lambda_eps: float = 0.02
     s_tolerance: float = 0.1
-    patience: int = 2
-    min_steps: int = 0
+    patience: int = 0
+    min_steps: int = 20
 
     @classmethod
     def from_mapping(cls, m) -> "SaturationConfig":

@@ -4,7 +4,7 @@ T = 0.03
 
 
 def det(**kw):
-    cfg = SaturationConfig(**{**dict(window=5, lambda_eps=0.01, s_tolerance=0.1, patience=2), **kw})
+    cfg = SaturationConfig(**{**dict(window=5, lambda_eps=0.01, s_tolerance=0.1, patience=2, min_steps=0), **kw})
     return SaturationDetector(cfg, T, 1e-4, 10.0)
 
 
