@@ -65,9 +65,9 @@ def test_adapter_loads_with_mlx_lm_and_matches_trainable_count(cli_run):
     assert sum(v.size for v in saved.values()) == s["trainable_params"]
     for k, v in saved.items():
         assert mx.array_equal(params[k], v), k
-    # tiny: 2 layers × (q,k,v,o: 64→64/32, gate/up 64→128, down 128→64) with r=8
+    # tiny: 2 layers × (q,k,v,o: 64→64/32, gate/up 64→128, down 128→64) with the default r=16
     dims = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
-    assert s["trainable_params"] == 2 * sum(8 * (i + o) for i, o in dims)
+    assert s["trainable_params"] == 2 * sum(16 * (i + o) for i, o in dims)
 
 
 def test_metrics_obey_their_formulas(cli_run):
@@ -126,7 +126,7 @@ def test_saturation_disabled_runs_to_train_steps(tmp_path):
 def test_loose_saturation_rule_stops_and_keeps_that_adapter(tmp_path):
     # A rule every step satisfies once the window is full: the run must stop right there.
     s, rows = run_inproc(tmp_path, ["saturation.patience=0", "saturation.window=3", "saturation.s_tolerance=10",
-                                    "saturation.lambda_eps=100", "train.steps=30"])
+                                    "saturation.lambda_eps=100", "saturation.min_steps=0", "train.steps=30"])
     assert s["stop_reason"] == "saturated" and s["saturation_step"] == 4 == s["adapter_step"] == rows[-1]["step"]
     assert "val_data_bpt" in rows[-1] and s["final"]["val_data_bpt"] == pytest.approx(rows[-1]["val_data_bpt"])
 
