@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -14,9 +15,12 @@ THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 
 class SweepReport(Callback):
+    _started: float = 0.0
+
     def on_multirun_start(self, config, **kwargs) -> None:
         """Worker processes inherit this environment: with several jobs in flight each
         gets one BLAS thread (two one-thread processes beat one two-thread process, DESIGN §4)."""
+        self._started = time.perf_counter()
         n_jobs = config.hydra.launcher.get("n_jobs", 1)
         if n_jobs != 1:
             for var in THREAD_VARS:
@@ -27,3 +31,4 @@ class SweepReport(Callback):
 
         path = write_sweep_report(Path(config.hydra.sweep.dir))
         log.info("sweep report: %s", path)
+        log.info("sweep finished in %.0f s (model loads included)", time.perf_counter() - self._started)
