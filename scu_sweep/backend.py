@@ -149,8 +149,9 @@ def _load(path: Path) -> tuple[ctypes.CDLL, Path]:
 
 def _dlopen(path: Path) -> ctypes.CDLL:
     # These machines export OPENBLAS_CORETYPE=Haswell to every process. The cmeel
-    # build (SKYLAKEX only) ignores it; a DYNAMIC_ARCH OpenBLAS would obey it at
-    # load and run at about half speed, so hide it while the library initialises.
+    # build (SKYLAKEX only, no DYNAMIC_ARCH) ignores it (measured); a DYNAMIC_ARCH
+    # OpenBLAS obeys it when it loads (DESIGN §4: about half speed on AVX-512), so
+    # hide it while the library initialises and let it detect the CPU itself.
     with _env_without("OPENBLAS_CORETYPE"):
         return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
 
