@@ -90,7 +90,8 @@ def _shared_study(storage: str, sweep_root: Path, workers=3, trials=3):
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_independent_sweeps_share_one_study(tmp_path, kind):
     storage = {"sqlite": f"sqlite:///{tmp_path}/o.db", "journal": f"journal:{tmp_path}/o.log"}
-    _shared_study(storage[kind], tmp_path)
+    study = _shared_study(storage[kind], tmp_path)  # checks every trial (see above)
+    assert len(study.trials) == 3 * 3
 
 
 @pytest.mark.slow
