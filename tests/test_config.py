@@ -120,3 +120,21 @@ def test_default_yaml_and_schema_hold_the_same_numbers(group):
     yaml_values = OmegaConf.to_container(OmegaConf.load(Path(CONF) / group / "default.yaml"))
     schema = OmegaConf.to_container(OmegaConf.structured(SCUConfig)[group])
     assert yaml_values == {k: schema[k] for k in yaml_values}
+
+
+def test_cli_seq_len_beyond_the_model_context(tmp_path):
+    proc = cli(["model=tiny", "logger=none", "train.seq_len=1024", f"hydra.run.dir={tmp_path}"])  # tiny: 512
+    _assert_clean_failure(proc, "train.seq_len", tmp_path)
+
+
+def test_pure_modules_import_only_the_standard_library():
+    """mdl, controller, saturation, records and pruning must load with MLX, Optuna, wandb and Hydra absent."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for m in ('mlx', 'mlx.core', 'optuna', 'wandb', 'hydra', 'omegaconf', 'numpy'): sys.modules[m] = None\n"
+            "import scu_sweep.mdl, scu_sweep.controller, scu_sweep.saturation, scu_sweep.records, scu_sweep.pruning\n"
+            "print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(CONF).parent)
+    assert proc.stdout.strip() == "ok", proc.stderr[-1500:]
