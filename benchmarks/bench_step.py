@@ -38,6 +38,7 @@ ROWS = [  # (worker, table label, step variant)
     ("openblas", "MLX + OpenBLAS", "scu"),
     ("openblas", "MLX + OpenBLAS", "plain"),
     ("torch", "PyTorch + PEFT", "scu"),
+    ("parallel", "MLX + OpenBLAS, one-thread processes side by side (sum)", "scu"),
 ]
 SIGMA, TRAIN_TOKENS = 0.1, 1e6  # prior sigma and N of the penalty; any values time the same
 
@@ -138,6 +139,20 @@ def child(cmd: list[str], env: dict[str, str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def parallel_children(cmd: list[str], env: dict[str, str], k: int) -> dict:
+    """k one-thread workers at once (a parallel multirun's shape); their tokens/s add up.
+
+    Reported as one 'process' whose step time is tokens / (sum of tokens/s)."""
+    env = dict(env)
+    backend.set_blas_threads(1, env)
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(k)]
+    outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    per_step = [statistics.median(o["scu"]) for o in outs]
+    combined = 1.0 / sum(1.0 / t for t in per_step)  # seconds per step of all k together
+    return {"blas": f"{k} x {outs[0]['blas']}", "scu": [combined], "per_process_s": per_step}
+
+
 def default_torch_python() -> str:
     venv = Path("/tmp/benchvenv/bin/python")
     fallback = str(venv) if venv.exists() else sys.executable
@@ -155,7 +170,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--torch-python", default=default_torch_python())
-    ap.add_argument("--skip", default="", help="comma list of: stock, openblas, torch")
+    ap.add_argument("--skip", default="", help="comma list of: stock, openblas, torch, parallel")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="processes for the parallel row")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variants", default="scu", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -178,6 +194,8 @@ def main() -> None:
         script = str(ROOT / "benchmarks" / "torch_peft_step.py")
         cmd = [args.torch_python, script, *shape, "--threads", str(args.threads), *timing]
         res["torch"] = child(cmd, env)
+    if "parallel" not in skip:
+        res["parallel"] = parallel_children(me + ["--variants", "scu", *timing], env, args.jobs)
     if "stock" not in skip:
         cmd = me + ["--variants", "scu", "--warmup", "1", "--steps", str(args.stock_steps)]
         res["stock"] = child(cmd, {**env, backend.ENV_VAR: "off"})
@@ -215,7 +233,8 @@ def report(res: dict, args: argparse.Namespace, load0: float) -> None:
     print("\n".join(rows))
     ratios = [("MLX+OpenBLAS / PyTorch", ("openblas", "scu"), ("torch", "scu")),
               ("OpenBLAS / stock", ("openblas", "scu"), ("stock", "scu")),
-              ("plain / SCU step (SCU overhead)", ("openblas", "plain"), ("openblas", "scu"))]
+              ("plain / SCU step (SCU overhead)", ("openblas", "plain"), ("openblas", "scu")),
+              ("parallel processes together / PyTorch", ("parallel", "scu"), ("torch", "scu"))]
     print()
     for label, a, b in ratios:
         if a in tps and b in tps:
