@@ -30,7 +30,7 @@ def _run_ranks(cfg, run_dir: Path, overrides) -> float:
     from scu_sweep.config import validate
     from scu_sweep.ranks import launch
     from scu_sweep.records import SUMMARY_FILE
-    from scu_sweep.run import RunFailed
+    from scu_sweep.run import RunFailed, objective
 
     validate(cfg)
     code = launch(cfg, run_dir, overrides)
@@ -40,8 +40,7 @@ def _run_ranks(cfg, run_dir: Path, overrides) -> float:
         if code == 2:
             raise ConfigError(reason)
         raise RunFailed(f"train.ranks={cfg.train.ranks}: {reason}")
-    value = json.loads((run_dir / SUMMARY_FILE).read_text())["final"]["val_data_bpt"]
-    return float(value) if value is not None else math.nan
+    return objective(json.loads((run_dir / SUMMARY_FILE).read_text()))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

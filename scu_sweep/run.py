@@ -14,7 +14,7 @@ from .config import ConfigError, validate
 from .data import load_corpus
 from .lora import apply_lora, count_trainable, save_adapter
 from .records import ADAPTER_DIR, FAILURE_FILE, SUMMARY_FILE, StopReason, atomic_write_json
-from .train import Diverged, RunResult, train
+from .train import Diverged, RunResult, rank_size, train
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ def run(cfg, run_dir: Path, overrides=(), group=None) -> float:
     """
     validate(cfg)
     run_dir = Path(run_dir)
-    lead = group is None or group.rank() == 0
+    rank, n_ranks = rank_size(group)
+    lead = rank == 0
     model, tokenizer, base = models.load(cfg.model)
     _check_context(model, cfg)
     corpus = load_corpus(cfg.data, tokenizer, cfg.train.seq_len)
@@ -104,10 +105,15 @@ def run(cfg, run_dir: Path, overrides=(), group=None) -> float:
         result = _train(model, corpus, cfg, run_dir, sinks.log, reporter, group, lead)
         adapter_dir = save_adapter(model, run_dir / ADAPTER_DIR, adapter_config, base)
         summary = _summary(cfg, result, corpus, n_params, adapter_dir, base, overrides)
-        summary["ranks"] = 1 if group is None else group.size()
+        summary["ranks"] = n_ranks
         sinks.summary(summary, adapter_dir)
         atomic_write_json(run_dir / SUMMARY_FILE, summary)  # last: its presence means success
     finally:
         sinks.close()
+    return objective(summary)
+
+
+def objective(summary: dict) -> float:
+    """The value a sweep optimises: validation DataBPT of the kept adapter (NaN if absent)."""
     value = summary["final"]["val_data_bpt"]
     return float(value) if value is not None else math.nan

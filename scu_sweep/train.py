@@ -74,12 +74,17 @@ def make_optimizer(train_cfg) -> optim.Optimizer:
     return optim.AdamW(learning_rate=lr, weight_decay=0.0)
 
 
+def rank_size(group) -> tuple:
+    """(this process's rank, number of ranks); (0, 1) without a distributed group."""
+    return (group.rank(), group.size()) if group is not None else (0, 1)
+
+
 def evaluate(model, eval_ce, corpus: Corpus, batch_size: int, n_batches: int, group=None) -> float:
     """Token-weighted mean validation CE (nats) over a fixed subset of val blocks.
 
     With a ``group`` each rank takes its own rows of every batch and the sums are reduced.
     """
-    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    rank, size = rank_size(group)
     model.eval()
     total, count = 0.0, 0
     for block in val_batches(corpus.val, batch_size, n_batches):
@@ -147,7 +152,7 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
     coef = mdl.penalty_coef(cfg.prior.sigma, corpus.train_tokens)
     optimizer = make_optimizer(tc)
     step_fn = make_train_step(model, optimizer, coef, group)
-    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    rank, size = rank_size(group)
     in_study = bool(cfg.pruning.storage)
     eval_ce = mx.compile(partial(ce_loss, model), inputs=model.state)
     state = initial_state(ccfg)
