@@ -76,6 +76,8 @@ class TrainConfig:
     log_every: int = 1
     warmup_steps: int = 0
     ranks: int = 1  # data-parallel processes for one run (mx.distributed); batch_size % ranks == 0
+    checkpoint_every: int = 10  # steps between resumable checkpoints; 0 = none
+    resume: str = "auto"  # auto: continue an interrupted run of the same command | never
 
 
 ALL_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -136,6 +138,7 @@ _CHOICES = {
     "data.source": ("python_docs", "fineweb_edu", "text_files"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
+    "train.resume": ("auto", "never"),
 }
 
 
@@ -170,6 +173,7 @@ def _checks(cfg: Any):
         yield f"train.{k}", g(f"train.{k}") >= 1, "an int >= 1"
     yield "train.lr", fin(g("train.lr")) and g("train.lr") > 0, "a float > 0"
     yield "train.warmup_steps", g("train.warmup_steps") >= 0, "an int >= 0"
+    yield "train.checkpoint_every", g("train.checkpoint_every") >= 0, "an int >= 0 (0: no checkpoints)"
     ranks = g("train.ranks")
     yield "train.ranks", ranks >= 1 and g("train.batch_size") % ranks == 0, "an int >= 1 dividing train.batch_size"
     yield "lora.rank", g("lora.rank") >= 1, "an int >= 1"
