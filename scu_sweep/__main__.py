@@ -17,8 +17,10 @@ from hydra.types import RunMode  # noqa: E402
 
 from scu_sweep.config import ConfigError, register  # noqa: E402
 from scu_sweep.records import FAILURE_FILE, atomic_write_json  # noqa: E402
+from scu_sweep.resume import register_resolver  # noqa: E402
 
 register()
+register_resolver()
 log = logging.getLogger("scu_sweep")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 

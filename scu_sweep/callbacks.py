@@ -16,11 +16,20 @@ THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 class SweepReport(Callback):
     _started: float = 0.0
+    _lock = None
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        """Worker processes inherit this environment: with several jobs in flight each
+        """Hold the sweep dir (a restart of the same command will not pick a live sweep).
+
+        Worker processes inherit this environment: with several jobs in flight each
         gets one BLAS thread (two one-thread processes beat one two-thread process, DESIGN §4)."""
+        from .resume import DirLock
+
         self._started = time.perf_counter()
+        try:
+            self._lock = DirLock(Path(config.hydra.sweep.dir))
+        except OSError:
+            log.warning("%s is held by another live sweep", config.hydra.sweep.dir)
         n_jobs = config.hydra.launcher.get("n_jobs", 1)
         if n_jobs != 1:
             for var in THREAD_VARS:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import models
+from . import checkpoint, models, resume
 from .config import ConfigError, validate
 from .data import load_corpus
 from .lora import apply_lora, count_trainable, save_adapter
@@ -62,10 +62,10 @@ def _check_context(model, cfg) -> None:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len}: allowed an int <= the model's context {ctx}")
 
 
-def _train(model, corpus, cfg, run_dir: Path, log_row, reporter, group, lead: bool):
+def _train(model, corpus, cfg, run_dir: Path, log_row, reporter, group, lead: bool, ckpt=None):
     """train(); a non-finite loss becomes RunFailed (and failure.json, written by the lead)."""
     try:
-        return train(model, corpus, cfg, log_row, reporter, group)
+        return train(model, corpus, cfg, log_row, reporter, group, run_dir=run_dir, resume_from=ckpt)
     except Diverged as e:
         if lead:
             atomic_write_json(run_dir / FAILURE_FILE, {"stop_reason": StopReason.DIVERGED.value, "error": str(e)})
@@ -80,17 +80,42 @@ def run(cfg, run_dir: Path, overrides=(), group=None) -> float:
     """
     validate(cfg)
     run_dir = Path(run_dir)
+    fingerprint = resume.fingerprint(cfg)
+    lock = _lock(run_dir) if rank_size(group)[0] == 0 else None
+    try:
+        return _run(cfg, run_dir, overrides, group, fingerprint)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock(run_dir: Path):
+    """Hold the run dir for this process: a second live run there is bad input, not a race."""
+    try:
+        return resume.DirLock(run_dir)
+    except OSError as e:
+        raise ConfigError(f"hydra.run.dir={run_dir}: another live run is using it; allowed a directory "
+                          "no running scu_sweep holds") from e
+
+
+def _run(cfg, run_dir: Path, overrides, group, fingerprint: str) -> float:
     rank, n_ranks = rank_size(group)
     lead = rank == 0
+    done = resume.finished_summary(cfg, run_dir, fingerprint)
+    if done is not None:  # a restarted sweep: this job finished before the interruption
+        log.info("%s: already finished (%s); not run again", run_dir, done["stop_reason"])
+        return objective(done)
     model, tokenizer, base = models.load(cfg.model)
     _check_context(model, cfg)
     corpus = load_corpus(cfg.data, tokenizer, cfg.train.seq_len)
     mx.random.seed(cfg.train.seed)  # here, so LoRA init and dropout never depend on how the base was built
     adapter_config = apply_lora(model, cfg.lora)
     n_params = count_trainable(model)
+    ckpt = resume.checkpoint_to_resume(cfg, run_dir, fingerprint)
     if not lead:
-        _train(model, corpus, cfg, run_dir, lambda row: None, None, group, lead)
+        _train(model, corpus, cfg, run_dir, lambda row: None, None, group, lead, ckpt)
         return math.nan
+    resume.prepare_run_dir(run_dir, ckpt)
     log.info("N=%d train tokens, %d val tokens, %d trainable params", corpus.train_tokens, corpus.val_tokens, n_params)
 
     from .sinks import make_sinks
@@ -102,14 +127,15 @@ def run(cfg, run_dir: Path, overrides=(), group=None) -> float:
         reporter = make_reporter(cfg.pruning)
     sinks = make_sinks(cfg, run_dir)
     try:
-        result = _train(model, corpus, cfg, run_dir, sinks.log, reporter, group, lead)
+        result = _train(model, corpus, cfg, run_dir, sinks.log, reporter, group, lead, ckpt)
         adapter_dir = save_adapter(model, run_dir / ADAPTER_DIR, adapter_config, base)
         summary = _summary(cfg, result, corpus, n_params, adapter_dir, base, overrides)
-        summary["ranks"] = n_ranks
+        summary.update(ranks=n_ranks, config_hash=fingerprint, resumed_from_step=ckpt.step if ckpt else None)
         sinks.summary(summary, adapter_dir)
         atomic_write_json(run_dir / SUMMARY_FILE, summary)  # last: its presence means success
     finally:
         sinks.close()
+    checkpoint.remove(run_dir)  # only for resuming; the kept adapter is in adapters/
     return objective(summary)
 
 

@@ -41,6 +41,19 @@ class SaturationDetector:
         self.evals_since_best = 0
         self.unreachable: Optional[str] = None  # "lambda_min" / "lambda_max" once detected
 
+    def state_dict(self) -> dict:
+        """Everything ``update``/``observe_val`` remember, as JSON (for checkpoints)."""
+        return {"lams": list(self._lams), "at_bound": self._at_bound, "bound_steps": self._bound_steps,
+                "best_val": self.best_val, "evals_since_best": self.evals_since_best,
+                "unreachable": self.unreachable}
+
+    def load_state(self, d: dict) -> None:
+        self._lams.clear()
+        self._lams.extend(d["lams"])
+        self._at_bound, self._bound_steps = d["at_bound"], d["bound_steps"]
+        self.best_val, self.evals_since_best = d["best_val"], d["evals_since_best"]
+        self.unreachable = d["unreachable"]
+
     def observe_val(self, value: float) -> None:
         if self.best_val is None or value < self.best_val:
             self.best_val, self.evals_since_best = value, 0

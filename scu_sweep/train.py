@@ -19,6 +19,7 @@ from .controller import step as control_step
 from .data import Corpus, batch_indices, val_batches
 from .lora import sum_sq
 from .records import StopReason
+from .resume import fingerprint
 from .saturation import SaturationConfig, SaturationDetector
 
 log = logging.getLogger(__name__)
@@ -140,10 +141,23 @@ def _any_rank(flag: bool, group) -> bool:
     return mx.distributed.all_sum(mx.array(float(flag)), group=group).item() > 0
 
 
-def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=None, group=None) -> RunResult:
+def _restore(ckpt, model, optimizer, detector) -> dict:
+    """Put a checkpoint's weights, optimizer and detector back; return its loop state."""
+    from . import checkpoint
+
+    checkpoint.restore(ckpt, model, optimizer)
+    detector.load_state(ckpt.state["detector"])
+    log.info("resuming from the checkpoint of step %d", ckpt.step)
+    return ckpt.state
+
+
+def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=None, group=None,
+          run_dir=None, resume_from=None) -> RunResult:
     """Train until saturation, pruning, divergence or ``train.steps``.
 
     ``group``: an ``mx.distributed`` group; each rank trains on its rows of every batch.
+    ``run_dir``: where rank 0 writes a checkpoint every ``train.checkpoint_every`` steps;
+    ``resume_from``: a checkpoint (scu_sweep.checkpoint) to continue from.
     """
     tc = cfg.train
     target = float(cfg.target_s)
@@ -151,19 +165,24 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
     detector = SaturationDetector(SaturationConfig.from_mapping(cfg.saturation), target, ccfg.lambda_min, ccfg.lambda_max)
     coef = mdl.penalty_coef(cfg.prior.sigma, corpus.train_tokens)
     optimizer = make_optimizer(tc)
-    step_fn = make_train_step(model, optimizer, coef, group)
     rank, size = rank_size(group)
+    resumed = _restore(resume_from, model, optimizer, detector) if resume_from is not None else {}
+    step_fn = make_train_step(model, optimizer, coef, group)
     in_study = bool(cfg.pruning.storage)
     eval_ce = mx.compile(partial(ce_loss, model), inputs=model.state)
-    state = initial_state(ccfg)
+    state = ControllerState.from_dict(resumed["controller"]) if resumed else initial_state(ccfg)
     tokens_per_step = tc.batch_size * tc.seq_len
-    best: dict = {}
-    stop, prune_reason, sat_step, unreachable = StopReason.MAX_STEPS, None, None, None
-    t0, started_at = time.perf_counter(), time.time()
-    row: dict = {}
-    for step in range(1, tc.steps + 1):
+    best: dict = resumed.get("best", {})
+    unreachable = resumed.get("unreachable")
+    stop, prune_reason, sat_step = StopReason.MAX_STEPS, None, None
+    wall0 = resumed.get("wall_s", 0.0)  # training time before the restart
+    t0, started_at = time.perf_counter(), resumed.get("started_at", time.time())
+    row: dict = resumed.get("row", {})
+    first = resumed.get("step", 0) + 1
+    for step in range(first, tc.steps + 1):
         rows = batch_indices(step - 1, len(corpus.train), tc.batch_size, tc.seed)
         b = mx.array(corpus.train[rows[rank::size]])
+        mx.random.seed(tc.seed * 1_000_003 + step)  # dropout masks depend on (seed, step) alone: resumable
         ce_a, ssq_a = step_fn(b[:, :-1], b[:, 1:], mx.array(state.lam, dtype=mx.float32))
         mx.eval(ce_a, ssq_a)
         ce, ssq = ce_a.item(), ssq_a.item()
@@ -171,7 +190,8 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
             raise Diverged(f"non-finite loss at step {step} (CE={ce}, Σw²={ssq})")
         s = mdl.s_ratio(mdl.data_bpt(ce), ssq * coef / mdl.LN2)
         state = control_step(state, s, target, ccfg)
-        row = _row(step, ce, ssq, state, s, coef, float(optimizer.learning_rate), step * tokens_per_step, time.perf_counter() - t0)
+        wall = wall0 + time.perf_counter() - t0
+        row = _row(step, ce, ssq, state, s, coef, float(optimizer.learning_rate), step * tokens_per_step, wall)
         evaluate_now = step % tc.eval_every == 0 or step == tc.steps
         if evaluate_now:
             best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
@@ -198,10 +218,16 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
         if done:
             stop, sat_step = StopReason.SATURATED, step
             break
+        if run_dir is not None and rank == 0 and tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
+            from . import checkpoint
+
+            checkpoint.save(run_dir, step, model, optimizer, {
+                "config_hash": fingerprint(cfg), "controller": state.to_dict(), "detector": detector.state_dict(), "best": best,
+                "unreachable": unreachable, "row": row, "wall_s": wall, "started_at": started_at})
     if "val_data_bpt" not in row:  # pruned between evaluations
         best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
     return RunResult(
         stop_reason=stop, steps_run=row["step"], last_row=row, prune_reason=prune_reason,
         saturation_step=sat_step, unreachable=unreachable, best=best,
-        wall_s=time.perf_counter() - t0, started_at=started_at, tokens_seen=row["tokens"], controller=state,
+        wall_s=wall0 + time.perf_counter() - t0, started_at=started_at, tokens_seen=row["tokens"], controller=state,
     )

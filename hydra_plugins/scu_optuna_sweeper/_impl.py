@@ -35,6 +35,9 @@ from ._verdict import Verdict, judge, write_json
 log = logging.getLogger(__name__)
 _STATES = {"COMPLETE": optuna.trial.TrialState.COMPLETE,
            "PRUNED": optuna.trial.TrialState.PRUNED, "FAIL": optuna.trial.TrialState.FAIL}
+SWEEP_ATTR = "scu_sweep.sweep_dir"  # which sweep dir ran the trial (its restart finds it)
+JOB_ATTR = "scu_sweep.job_num"  # the job dir a re-queued trial continues in
+INTERRUPTED_ATTR = "scu_sweep.interrupted"
 
 
 def _job_dir(ret: Optional[JobReturn]) -> Optional[Path]:
@@ -106,13 +109,36 @@ class OptunaSweeperImpl(Sweeper):
         sampler = instantiate(kwargs)
         pruner_spec = OmegaConf.to_container(self.pruner_cfg, resolve=True)
         backend = pruning.open_storage(storage)
+        name = self.cfg["study_name"]
+        if name is None and storage == resolve_storage(None, self.sweep_dir):  # a restarted sweep
+            names = optuna.get_all_study_names(backend)
+            name = names[0] if len(names) == 1 else None
         study = pruning._retry(lambda: optuna.create_study(
             storage=backend, sampler=sampler, pruner=pruning.build_pruner(pruner_spec),
-            study_name=self.cfg["study_name"], direction=self.cfg["direction"],
+            study_name=name, direction=self.cfg["direction"],
             load_if_exists=self.cfg["load_if_exists"]))
         study.set_user_attr(pruning.PRUNER_ATTR, pruner_spec)
         study.set_user_attr("scu_sweep.objective", self.cfg["objective"])
+        self.backend = backend
         return study
+
+    def _recover(self) -> int:
+        """After a kill: this sweep dir's RUNNING trials are marked interrupted, told FAIL and
+        re-queued with their parameters (continuing in their job dir); returns how many of
+        this sweep dir's trials had finished."""
+        done = 0
+        for t in self.study.get_trials(deepcopy=False):
+            if t.user_attrs.get(SWEEP_ATTR) != str(self.sweep_dir):
+                continue
+            if t.state == optuna.trial.TrialState.RUNNING:
+                self.backend.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
+                self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                self.study.enqueue_trial(t.params, user_attrs={
+                    JOB_ATTR: t.user_attrs.get(JOB_ATTR, t.number), SWEEP_ATTR: str(self.sweep_dir)})
+                log.warning("trial %d was interrupted: re-queued", t.number)
+            elif t.state.is_finished() and not t.user_attrs.get(INTERRUPTED_ATTR):
+                done += 1
+        return done
 
     def _job_overrides(self, params: Dict[str, Any], trial_number: int) -> List[str]:
         out = self.fixed + [f"{k}={format_value(v)}" for k, v in params.items()]
@@ -130,11 +156,17 @@ class OptunaSweeperImpl(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         self._parse(arguments)
+        self.sweep_dir = sweep_dir
         self.storage = resolve_storage(self.cfg["storage"], sweep_dir)
         self.study = self._make_study(self.storage)
         n_trials = self.cfg["n_trials"]
         if isinstance(self.study.sampler, optuna.samplers.GridSampler):
             n_trials = min(n_trials, math.prod(len(v) for v in grid(self.space).values()))
+        finished = self._recover()
+        if finished:
+            log.info("%d trials of %s had finished before; running the other %d",
+                     finished, sweep_dir, max(n_trials - finished, 0))
+        n_trials = max(n_trials - finished, 0)
         first = {k: _probe(d) for k, d in self.space.items()}
         self.validate_batch_is_legal([self._job_overrides(first, 0)])  # fail fast on typos
         log.info("Study %s in %s: %d trials, %d in flight, pruner %s", self.study.study_name,
@@ -175,6 +207,7 @@ class OptunaSweeperImpl(Sweeper):
                         return
                     self.remaining -= 1
                     trial = self.study.ask(self.space)
+                    trial.set_user_attr(SWEEP_ATTR, str(self.sweep_dir))
                 self._run_trial(trial)
         except BaseException as e:  # e.g. the storage went away: stop, re-raised by sweep()
             with self._lock:
@@ -183,10 +216,11 @@ class OptunaSweeperImpl(Sweeper):
 
     def _run_trial(self, trial: optuna.Trial) -> None:
         overrides = self._job_overrides(trial.params, trial.number)
+        job_num = trial.user_attrs.get(JOB_ATTR, trial.number)  # a re-queued trial resumes its job
         ret: Optional[JobReturn] = None
         try:
             with self._launch_guard:
-                ret = self.launcher.launch([overrides], initial_job_idx=trial.number)[0]
+                ret = self.launcher.launch([overrides], initial_job_idx=job_num)[0]
         except Exception:  # noqa: BLE001 - a launcher error fails this trial, not the study
             log.exception("trial %d: the launcher failed", trial.number)
         job_dir = _job_dir(ret)

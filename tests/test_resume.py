@@ -1,0 +1,248 @@
+"""Resume after a kill (train.resume=auto): runs, multiruns and Optuna studies; files left by kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scu_sweep import resume
+from scu_sweep.records import read_jsonl
+
+from conftest import ROOT, compose_cfg
+
+TINY = ["model=tiny", "prior=tiny", "logger=none", "saturation.enabled=false", "lora.dropout=0.1"]
+COMPARED = ("loss", "data_bpt", "param_bpt", "s_ratio", "s_ema", "lambda", "integral", "lr", "val_loss")
+
+
+def start(args, cwd: Path, log: str = "log") -> subprocess.Popen:
+    """``python -m scu_sweep ARGS`` in its own process group (so a kill reaches its workers)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = open(cwd / log, "a")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen([sys.executable, "-m", "scu_sweep", *args], cwd=cwd, env=env,
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(args, cwd: Path) -> str:
+    proc = start(args, cwd)
+    assert proc.wait(timeout=600) == 0, (cwd / "log").read_text()[-3000:]
+    return (cwd / "log").read_text()
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def only(pattern: str, cwd: Path) -> Path:
+    found = sorted(cwd.glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def check_files_parse(run_dir: Path) -> int:
+    """Every file a kill can leave is whole; returns how many were checked."""
+    import mlx.core as mx
+
+    checked = 0
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        lines = metrics.read_text().splitlines()
+        rows = read_jsonl(metrics)
+        assert len(rows) >= len(lines) - 1  # at most a torn last line, which readers skip
+        assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})
+        checked += 1
+    for name in ("summary.json", "failure.json", "checkpoints/latest.json"):
+        if (run_dir / name).exists():
+            json.loads((run_dir / name).read_text())
+            checked += 1
+    latest = run_dir / "checkpoints" / "latest.json"
+    if latest.exists():
+        d = run_dir / "checkpoints" / json.loads(latest.read_text())["dir"]
+        json.loads((d / "state.json").read_text())
+        assert mx.load(str(d / "arrays.safetensors"))
+        checked += 2
+    for f in (run_dir / "adapters").glob("*.safetensors"):
+        assert mx.load(str(f))
+        checked += 1
+    return checked
+
+
+# -- the pure half
+
+
+def test_fingerprint_ignores_logging_and_resume_keys_only():
+    base = resume.fingerprint(compose_cfg(TINY))
+    assert base == resume.fingerprint(compose_cfg(TINY + ["logger=wandb", "train.resume=never",
+                                                          "train.checkpoint_every=3"]))
+    assert base != resume.fingerprint(compose_cfg(TINY + ["train.lr=1e-3"]))
+    assert base != resume.fingerprint(compose_cfg(TINY + ["target_s=0.05"]))
+
+
+def test_command_overrides_reads_the_task_overrides_and_resume_flag():
+    task, flag = resume.command_overrides(["-m", "target_s=0.02,0.05", "hydra.launcher.n_jobs=1",
+                                           "train.resume=never"])
+    assert task == ["target_s=0.02,0.05", "train.resume=never"] and flag == "never"
+    assert resume.command_overrides(["model=tiny"]) == (["model=tiny"], "auto")
+
+
+def _fake_run(root: Path, name: str, overrides, ended=None) -> Path:
+    d = root / "2026-01-01" / name
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if ended:
+        (d / ended).write_text("{}")
+    return d
+
+
+def test_resume_dir_picks_the_newest_unfinished_unlocked_run_of_the_same_command(tmp_path):
+    root = tmp_path / "runs"
+    same = ["model=tiny", "target_s=0.05"]
+    older = _fake_run(root, "10-00-00", same)
+    newer = _fake_run(root, "11-00-00", list(reversed(same)))  # order does not matter
+    _fake_run(root, "12-00-00", same, ended="summary.json")
+    _fake_run(root, "13-00-00", same, ended="failure.json")
+    _fake_run(root, "14-00-00", ["model=tiny"])
+    pick = lambda: resume.resume_dir("run", str(root), "new/dir", same, "auto")  # noqa: E731
+    assert pick() == str(newer)
+    held = subprocess.Popen([sys.executable, "-c", "import sys, time; from scu_sweep.resume import DirLock; "
+                             f"DirLock({str(newer)!r}); print('held', flush=True); time.sleep(60)"],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout.readline().strip() == "held"
+        assert pick() == str(older)  # the live one is skipped
+    finally:
+        held.kill()
+        held.wait()
+    assert pick() == str(newer)  # its process is gone: resumable again
+    assert resume.resume_dir("run", str(root), "new/dir", same, "never") == str(root / "new/dir")
+    assert resume.resume_dir("run", str(root), "new/dir", ["x=1"], "auto") == str(root / "new/dir")
+
+
+# -- runs killed with SIGKILL
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_metrics(tmp_path):
+    """Six SIGKILLs at random moments (model load, training, checkpoint writes, ...): every
+    file left parses, and the resumed run's metrics equal the uninterrupted run's exactly
+    (fp32 state restored bit for bit, batch order and dropout masks a function of the step,
+    the same BLAS thread count: the same operations in the same order)."""
+    args = TINY + ["train.steps=400", "train.checkpoint_every=7", "train.eval_every=50"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    ref.mkdir(), cut.mkdir()
+    finish(args, ref)
+    rng, kills, checked = random.Random(0), 0, 0
+    for _ in range(6):
+        proc = start(args, cut)
+        time.sleep(rng.uniform(0.5, 4.0))
+        if proc.poll() is not None:
+            break
+        kill_group(proc)
+        kills += 1
+        run_dir = only("outputs/runs/*/*", cut)  # every restart found the same dir
+        checked += check_files_parse(run_dir)
+    assert kills >= 3 and checked > 0
+    finish(args, cut)
+    run_dir = only("outputs/runs/*/*", cut)
+    want = read_jsonl(only("outputs/runs/*/*/metrics.jsonl", ref))
+    got = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 401))
+    for a, b in zip(want, got):
+        assert {k: a.get(k) for k in COMPARED} == {k: b.get(k) for k in COMPARED}, a["step"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "resuming from the checkpoint of step" in (cut / "log").read_text()
+    assert summary["final"] == json.loads(only("outputs/runs/*/*/summary.json", ref).read_text())["final"]
+    assert not (run_dir / "checkpoints").exists()  # dropped once the result is written
+    check_files_parse(run_dir)
+
+
+@pytest.mark.slow
+def test_resume_never_starts_a_new_dir_and_a_live_dir_is_refused(tmp_path):
+    args = TINY + ["train.steps=400", "train.checkpoint_every=5"]
+    proc = start(args, tmp_path)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("outputs/runs/*/*/checkpoints/latest.json")):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    run_dir = only("outputs/runs/*/*", tmp_path)
+    second = subprocess.run([sys.executable, "-m", "scu_sweep", *args, f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and "another live run" in second.stderr
+    kill_group(proc)
+    time.sleep(1.1)  # a new second for the timestamped dir
+    finish(args + ["train.resume=never"], tmp_path)
+    assert len(list(tmp_path.glob("outputs/runs/*/*"))) == 2
+    assert not (run_dir / "summary.json").exists()
+
+
+# -- sweeps killed with SIGKILL
+
+
+@pytest.mark.slow
+def test_a_killed_multirun_finishes_what_is_missing_and_keeps_what_finished(tmp_path):
+    args = ["-m", *TINY, "train.steps=300", "train.checkpoint_every=10", "target_s=0.02,0.03,0.05,0.07"]
+    proc = start(args, tmp_path)
+    deadline = time.time() + 300
+    while len(list(tmp_path.glob("outputs/multirun/*/*/*/summary.json"))) < 1 or \
+            len(list(tmp_path.glob("outputs/multirun/*/*/*/checkpoints/latest.json"))) < 1:
+        assert time.time() < deadline and proc.poll() is None, (tmp_path / "log").read_text()[-2000:]
+        time.sleep(0.05)
+    kill_group(proc)
+    sweep = only("outputs/multirun/*/*", tmp_path)
+    before = {p.parent.name: p.read_text() for p in sweep.glob("*/summary.json")}
+    assert 1 <= len(before) < 4 and not (sweep / "sweep_summary.csv").exists()
+    for d in sweep.glob("[0-9]*"):
+        check_files_parse(d)
+    time.sleep(1.1)
+    log = finish(args, tmp_path)
+    assert only("outputs/multirun/*/*", tmp_path) == sweep
+    for job, text in before.items():  # finished jobs were not run again
+        assert (sweep / job / "summary.json").read_text() == text
+        assert f"{job}: already finished" in log
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    assert len(summaries) == 4 and all(s["steps_run"] == 300 for s in summaries)
+    assert any(s["resumed_from_step"] for s in summaries)
+    assert len((sweep / "sweep_summary.csv").read_text().strip().splitlines()) == 5
+
+
+@pytest.mark.slow
+def test_a_killed_optuna_study_requeues_its_interrupted_trials(tmp_path):
+    import optuna
+
+    args = ["experiment=optuna_tiny_kp_ki", "hydra/sweeper/pruner=none", "hydra.sweeper.n_trials=5",
+            "train.steps=300", "train.checkpoint_every=10"]
+    proc = start(args, tmp_path)
+    deadline = time.time() + 300
+    while len(list(tmp_path.glob("outputs/multirun/*/*/*/trial.json"))) < 1 or \
+            len(list(tmp_path.glob("outputs/multirun/*/*/*/checkpoints/latest.json"))) < 1:
+        assert time.time() < deadline and proc.poll() is None, (tmp_path / "log").read_text()[-2000:]
+        time.sleep(0.05)
+    kill_group(proc)
+    sweep = only("outputs/multirun/*/*", tmp_path)
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    interrupted = [t for t in optuna.load_study(study_name=name, storage=storage).trials
+                   if t.state == optuna.trial.TrialState.RUNNING]
+    assert interrupted
+    time.sleep(1.1)
+    finish(args, tmp_path)
+    assert only("outputs/multirun/*/*", tmp_path) == sweep
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    marked = [t for t in trials if t.user_attrs.get("scu_sweep.interrupted")]
+    assert {t.number for t in marked} == {t.number for t in interrupted}
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in marked)
+    counted = [t for t in trials if not t.user_attrs.get("scu_sweep.interrupted")]
+    assert len(counted) == 5 and all(t.state.is_finished() for t in counted)
+    requeued = {t.user_attrs["scu_sweep.job_num"]: t for t in counted if "scu_sweep.job_num" in t.user_attrs}
+    for t in marked:  # same parameters, continued in the interrupted trial's job dir
+        assert requeued[t.number].params == t.params
+        assert json.loads((sweep / str(t.number) / "trial.json").read_text())["number"] == requeued[t.number].number
