@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .report import read_json, read_metrics, run_config
+from .sinks import redact_text, scrub
 
 NEAR_ZERO = 1e-4  # |w| below this counts as near zero
 TOP_K = 10
@@ -105,7 +106,10 @@ def _efficiency(summary: dict, cfg: dict, metrics: list) -> list:
 
 
 def write_model_card(run_dir: Path, adapter_dir: Path, summary: dict | None = None) -> Path:
-    """Write adapter_dir/README.md and adapter_dir/parameter_analysis.json; return the README."""
+    """Write adapter_dir/README.md and adapter_dir/parameter_analysis.json; return the README.
+
+    Both are scrubbed like the wandb config: URL passwords and the values of secret-looking
+    environment variables never reach them."""
     run_dir, adapter_dir = Path(run_dir), Path(adapter_dir)
     summary = summary or read_json(run_dir / "summary.json") or {}
     cfg = run_config(run_dir)
@@ -114,7 +118,7 @@ def write_model_card(run_dir: Path, adapter_dir: Path, summary: dict | None = No
     metrics = read_metrics(run_dir)
     sigma = summary.get("prior_sigma", (cfg.get("prior") or {}).get("sigma"))
     pa = parameter_analysis(adapter_dir, sigma, summary.get("train_tokens"))
-    (adapter_dir / "parameter_analysis.json").write_text(json.dumps(pa, indent=2) + "\n")
+    (adapter_dir / "parameter_analysis.json").write_text(json.dumps(scrub(pa), indent=2) + "\n")
 
     base = acfg.get("model") or summary.get("model") or "?"
     data = summary.get("data") or (cfg.get("data") or {}).get("name") or "?"
@@ -173,5 +177,5 @@ def write_model_card(run_dir: Path, adapter_dir: Path, summary: dict | None = No
               'print(generate(model, tokenizer, prompt="Hello", max_tokens=50))', "```", "",
               "For Transformers + PEFT: `python -m scu_sweep.export_peft RUN_DIR OUT`.", ""]
     out = adapter_dir / "README.md"
-    out.write_text("\n".join(lines))
+    out.write_text(redact_text("\n".join(lines)))  # paths and names may carry URL passwords
     return out

@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .config import ConfigError
+from .sinks import redact_text
 
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -45,21 +46,50 @@ def python_docs_texts() -> list:
     return docs
 
 
+_TEXT_FILES_ALLOWED = ("allowed existing .txt/.text/.md, .jsonl/.json or .parquet files, all of one kind, "
+                       "read through `datasets`' text/json/parquet builders (scripts and pickles are never run or loaded)")
+# Never handed to `datasets`: loading scripts and pickles (unpickling runs code).
+_UNSAFE_SUFFIXES = (".py", ".pyc", ".pyw", ".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib")
+
+
 def _text_files_dataset(cfg):
     import datasets
 
-    missing = [p for p in cfg.paths if not Path(p).is_file()]
+    paths = [str(p) for p in cfg.paths]
+    bad = [p for p in paths if Path(p).suffix.lower() not in _BUILDERS]
+    if bad:
+        raise ConfigError(f"data.paths={[redact_text(p) for p in bad]}: not a data file; {_TEXT_FILES_ALLOWED}")
+    missing = [p for p in paths if not Path(p).is_file()]
     if missing:
-        raise ConfigError(f"data.paths={missing}: no such file; allowed existing txt/jsonl/parquet files")
-    kinds = {_BUILDERS.get(Path(p).suffix.lower()) for p in cfg.paths}
-    if None in kinds or len(kinds) != 1:
-        raise ConfigError(f"data.paths={list(cfg.paths)}: allowed files of one kind: {sorted(_BUILDERS)}")
+        raise ConfigError(f"data.paths={[redact_text(p) for p in missing]}: no such file; {_TEXT_FILES_ALLOWED}")
+    kinds = {_BUILDERS[Path(p).suffix.lower()] for p in paths}
+    if len(kinds) != 1:
+        raise ConfigError(f"data.paths={[redact_text(p) for p in paths]}: files of {len(kinds)} kinds; {_TEXT_FILES_ALLOWED}")
     builder = kinds.pop()
-    ds = datasets.load_dataset(builder, data_files=[str(p) for p in cfg.paths], split="train")
+    # a packaged builder (no script); trust_remote_code=False for `datasets` versions that still know it
+    ds = datasets.load_dataset(builder, data_files=paths, split="train", trust_remote_code=False)
     field = "text" if builder == "text" else cfg.text_field
     if field not in ds.column_names:
         raise ConfigError(f"data.text_field={field!r}: not a column; allowed: {ds.column_names}")
     return ds, field
+
+
+def _check_stream_path(hf_path: str) -> None:
+    """A local ``data.hf_path`` must be a folder of data files: no loading script, no pickle."""
+    local = Path(hf_path).expanduser()
+    where = f"data.hf_path={redact_text(hf_path)!r}"
+    allowed = ("allowed a hub dataset id 'org/name' or a local folder of parquet/jsonl/txt files "
+               "(loading scripts and pickles are never run or loaded; use data=text_files for single files)")
+    if hf_path.lower().endswith(_UNSAFE_SUFFIXES):
+        raise ConfigError(f"{where}: a script or pickle; {allowed}")
+    if not local.exists():
+        return  # a hub id: `datasets` resolves it to data files (it runs no loading scripts)
+    if not local.is_dir():
+        raise ConfigError(f"{where}: a file, not a folder; {allowed}")
+    unsafe = sorted(str(f.relative_to(local)) for f in local.rglob("*")
+                    if f.suffix.lower() in _UNSAFE_SUFFIXES and f.is_file())
+    if unsafe:
+        raise ConfigError(f"{where}: holds {', '.join(unsafe[:3])}{' ...' if len(unsafe) > 3 else ''}; {allowed}")
 
 
 def _stream_dataset(cfg):
@@ -68,10 +98,15 @@ def _stream_dataset(cfg):
 
     if cfg.max_tokens is None:
         raise ConfigError("data.max_tokens=None: allowed an int >= 1 (a streamed corpus needs a token budget)")
+    if not cfg.hf_path:
+        raise ConfigError("data.hf_path=None: allowed a hub dataset id 'org/name' or a local folder of data files")
+    _check_stream_path(str(cfg.hf_path))
     try:
-        ds = datasets.load_dataset(cfg.hf_path, name=cfg.hf_name, split=cfg.split, streaming=True)
-    except Exception as e:  # hub unreachable, unknown repo or config
-        raise ConfigError(f"data.hf_path={cfg.hf_path!r}: could not be opened ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        ds = datasets.load_dataset(cfg.hf_path, name=cfg.hf_name, split=cfg.split, streaming=True,
+                                   trust_remote_code=False)
+    except Exception as e:  # hub unreachable, unknown repo or config, a loading script
+        raise ConfigError(redact_text(
+            f"data.hf_path={cfg.hf_path!r}: could not be opened ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")) from e
     return ds, cfg.text_field
 
 

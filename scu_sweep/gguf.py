@@ -48,7 +48,13 @@ class GGUFError(ConfigError):
 
 
 def read_gguf(path) -> tuple[dict, dict]:
-    """Return ``(arrays, metadata)`` of a llama GGUF, or raise `GGUFError`."""
+    """Return ``(arrays, metadata)`` of a llama GGUF, or raise `GGUFError`.
+
+    MLX's own GGUF parser reads it (tensors and metadata only, nothing is executed); MLX
+    picks the parser by suffix, so only ``*.gguf`` is accepted.
+    """
+    if Path(path).suffix.lower() != ".gguf":
+        raise GGUFError(path, "not a .gguf file")
     try:
         arrays, meta = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError, OSError) as err:
@@ -237,11 +243,12 @@ def _dense(module: nn.Module) -> nn.Module:
 
 
 def load(model_dir, dequantize: bool = True, **mlx_lm_kwargs):
-    """``mlx_lm.load`` a converted directory (``adapter_path=`` etc. pass through);
-    fp32 via `dequantize_fp32` unless ``dequantize=False`` (keep 4-bit for Metal/CUDA)."""
-    import mlx_lm
+    """``mlx_lm.load`` a converted directory (``adapter_path=`` etc. pass through; custom
+    code stays off, see `scu_sweep.models.mlx_lm_load`); fp32 via `dequantize_fp32` unless
+    ``dequantize=False`` (keep 4-bit for Metal/CUDA)."""
+    from .models import mlx_lm_load
 
-    model, tokenizer = mlx_lm.load(str(model_dir), **mlx_lm_kwargs)
+    model, tokenizer = mlx_lm_load(str(model_dir), **mlx_lm_kwargs)
     if dequantize:
         dequantize_fp32(model)
         mx.eval(model.parameters())

