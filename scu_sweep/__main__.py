@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 
 from scu_sweep.config import ConfigError, register  # noqa: E402
-from scu_sweep.records import FAILURE_FILE, atomic_write_json  # noqa: E402
+from scu_sweep.records import FAILURE_FILE  # noqa: E402
 from scu_sweep.resume import register_resolver  # noqa: E402
 
 register()
@@ -48,23 +48,35 @@ def _run_ranks(cfg, run_dir: Path, overrides) -> float:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg) -> float:
     preload_blas()  # no-op here; in a spawned worker that unpickled `main` it is the first call
-    from scu_sweep.run import RunFailed, run
+    from omegaconf import OmegaConf
+
+    from scu_sweep.records import StopReason
+    from scu_sweep.run import RunFailed, run, write_failure
+    from scu_sweep.sinks import redact_text
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)  # ${oc.env:..} stays unexpanded
+    sweep = hc.mode == RunMode.MULTIRUN
     try:
         if cfg.train.ranks > 1:
-            return _run_ranks(cfg, run_dir, hc.overrides.task)
-        return run(cfg, run_dir, overrides=hc.overrides.task)
+            return _run_ranks(cfg, run_dir, overrides)
+        return run(cfg, run_dir, overrides=overrides)
     except (ConfigError, RunFailed) as e:
         code = 2 if isinstance(e, ConfigError) else 1
         if not (run_dir / FAILURE_FILE).exists():
-            atomic_write_json(run_dir / FAILURE_FILE, {"stop_reason": None, "error": str(e)})
-        print(f"scu_sweep: error: {e}", file=sys.stderr)
-        if hc.mode == RunMode.MULTIRUN:  # one failed job never takes the sweep down
-            log.error("job %s failed: %s", hc.job.num, e)
+            write_failure(run_dir, None, str(e))
+        print(f"scu_sweep: error: {redact_text(str(e))}", file=sys.stderr)
+        if sweep:  # one failed job never takes the sweep down
+            log.error("job %s failed: %s", hc.job.num, redact_text(str(e)))
             return math.nan
         sys.exit(code)
+    except Exception as e:  # a bug: the traceback goes to the job log, the sweep goes on
+        if not sweep:
+            raise
+        log.exception("job %s failed", hc.job.num)
+        write_failure(run_dir, StopReason.ERROR, f"{type(e).__name__}: {e}")
+        return math.nan
 
 
 if __name__ == "__main__":

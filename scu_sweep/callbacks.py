@@ -14,9 +14,27 @@ log = logging.getLogger(__name__)
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 
+def check_writable(directory: str, key: str) -> None:
+    """Exit 2 with one line naming ``key`` when ``directory`` cannot be created or written."""
+    import sys
+    import tempfile
+
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        print(f"scu_sweep: error: {key}={directory}: not writable ({e.strerror}); allowed a writable "
+              "directory", file=sys.stderr)
+        sys.exit(2)
+
+
 class SweepReport(Callback):
     _started: float = 0.0
     _lock = None
+
+    def on_run_start(self, config, **kwargs) -> None:
+        check_writable(str(config.hydra.run.dir), "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs) -> None:
         """Hold the sweep dir (a restart of the same command will not pick a live sweep).
@@ -25,6 +43,7 @@ class SweepReport(Callback):
         gets one BLAS thread (two one-thread processes beat one two-thread process, DESIGN §4)."""
         from .resume import DirLock
 
+        check_writable(str(config.hydra.sweep.dir), "hydra.sweep.dir")
         self._started = time.perf_counter()
         try:
             self._lock = DirLock(Path(config.hydra.sweep.dir))

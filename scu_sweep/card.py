@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .records import atomic_write_text
 from .report import read_json, read_metrics, run_config
 from .sinks import redact_text, scrub
 
@@ -118,7 +119,7 @@ def write_model_card(run_dir: Path, adapter_dir: Path, summary: dict | None = No
     metrics = read_metrics(run_dir)
     sigma = summary.get("prior_sigma", (cfg.get("prior") or {}).get("sigma"))
     pa = parameter_analysis(adapter_dir, sigma, summary.get("train_tokens"))
-    (adapter_dir / "parameter_analysis.json").write_text(json.dumps(scrub(pa), indent=2) + "\n")
+    atomic_write_text(adapter_dir / "parameter_analysis.json", json.dumps(scrub(pa), indent=2) + "\n")
 
     base = acfg.get("model") or summary.get("model") or "?"
     data = summary.get("data") or (cfg.get("data") or {}).get("name") or "?"
@@ -177,5 +178,5 @@ def write_model_card(run_dir: Path, adapter_dir: Path, summary: dict | None = No
               'print(generate(model, tokenizer, prompt="Hello", max_tokens=50))', "```", "",
               "For Transformers + PEFT: `python -m scu_sweep.export_peft RUN_DIR OUT`.", ""]
     out = adapter_dir / "README.md"
-    out.write_text(redact_text("\n".join(lines)))  # paths and names may carry URL passwords
+    atomic_write_text(out, redact_text("\n".join(lines)))  # paths and names may carry URL passwords
     return out

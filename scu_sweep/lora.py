@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .config import ConfigError
+from .records import atomic_replace, atomic_write_text
 
 
 def _block_linear_names(model) -> list:
@@ -66,9 +67,9 @@ def save_adapter(model, out_dir: Path, adapter_config: dict, base_model: str) ->
     """Write adapters.safetensors + adapter_config.json that ``mlx_lm.load(..., adapter_path=)`` reads."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".adapters.safetensors.tmp.safetensors"
-    mx.save_safetensors(str(tmp), trainable_leaves(model), metadata={"format": "mlx"})
-    tmp.replace(out_dir / "adapters.safetensors")
+    leaves = trainable_leaves(model)
+    atomic_replace(out_dir / "adapters.safetensors",
+                   lambda tmp: mx.save_safetensors(str(tmp), leaves, metadata={"format": "mlx"}))
     cfg = dict(adapter_config, model=base_model)
-    (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    atomic_write_text(out_dir / "adapter_config.json", json.dumps(cfg, indent=2))
     return out_dir

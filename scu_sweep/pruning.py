@@ -109,9 +109,16 @@ def build_pruner(spec: Optional[Dict[str, Any]]) -> Any:
     """Instantiate ``{"_target_": "pkg.Class", **kwargs}``; None gives Optuna's NopPruner."""
     if not spec:
         spec = {"_target_": "optuna.pruners.NopPruner"}
+    import optuna
+
     kwargs = dict(spec)
-    module, _, name = str(kwargs.pop("_target_")).rpartition(".")
-    return getattr(importlib.import_module(module), name)(**kwargs)
+    target = str(kwargs.pop("_target_"))
+    module, _, name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    # the spec comes from the study's storage: never call anything but a pruner class
+    if not (isinstance(cls, type) and issubclass(cls, optuna.pruners.BasePruner)):
+        raise ValueError(f"hydra.sweeper.pruner._target_={target}: allowed an optuna.pruners.BasePruner subclass")
+    return cls(**kwargs)
 
 
 def _retry(fn: Any, tries: int = 6, wait_s: float = 0.2) -> Any:

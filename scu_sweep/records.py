@@ -16,6 +16,11 @@ class StopReason(str, Enum):
     MAX_STEPS = "max_steps"
     PRUNED = "pruned"
     DIVERGED = "diverged"
+    # failures written to failure.json (never to summary.json) besides "diverged":
+    OUT_OF_MEMORY = "out_of_memory"
+    DISK_FULL = "disk_full"
+    UNWRITABLE = "unwritable"
+    ERROR = "error"  # anything else that ended a job inside a sweep
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -51,6 +56,26 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_replace(path: Path, write) -> None:
+    """``write(tmp_path)`` into a temp file beside ``path``, fsync it, rename it over ``path``.
+
+    For writers that want a path (matplotlib, safetensors): a kill leaves the old file or the new.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
+
+from .records import atomic_replace, atomic_write_text
+from .sinks import redact_text
 
 FINAL_KEYS = ("loss", "data_bpt", "param_bpt", "s_ratio", "lambda", "val_data_bpt")
 COLUMNS = (
@@ -80,7 +84,7 @@ def job_row(job_dir: Path) -> dict:
     row: dict[str, Any] = {
         "job": int(job_dir.name),
         "state": "ok" if summary else ("failed" if failure else "missing"),
-        "overrides": " ".join(str(o) for o in overrides),
+        "overrides": " ".join(redact_text(str(o)) for o in overrides),
         "target_s": src.get("target_s", cfg.get("target_s")),
         "kp": src.get("kp", ctl.get("kp")),
         "ki": src.get("ki", ctl.get("ki")),
@@ -133,7 +137,7 @@ def write_markdown(rows: list[dict], path: Path, title: str) -> Path:
         lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
     lines += ["", ("BPT = bits per token; S = ParamBPT / (DataBPT + ParamBPT); "
                    "val = validation; sat. step = MDL saturation step (empty: not reached)."), ""]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 
@@ -144,11 +148,12 @@ def write_sweep_report(sweep_dir: Path) -> Path:
     rows = [job_row(j) for j in jobs]
     cols = COLUMNS + (TRIAL_COLUMNS if any("trial_number" in r for r in rows) else [])
     out = sweep_dir / "sweep_summary.csv"
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: _cell(r.get(c)) for c in cols})
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: _cell(r.get(c)) for c in cols})
+    atomic_write_text(out, buf.getvalue())
     write_markdown(rows, sweep_dir / "sweep_report.md", sweep_dir.name)
     plot_sweep(sweep_dir, jobs, rows)
     return out
@@ -221,7 +226,7 @@ def plot_sweep(sweep_dir: Path, jobs: list[Path], rows: list[dict]) -> Path:
     fig.suptitle(f"Sweep {sweep_dir.name} — dotted verticals: saturation step")
     fig.tight_layout(rect=(0, 0.1 if labels else 0, 1, 1))
     out = sweep_dir / "sweep_comparison.png"
-    fig.savefig(out, dpi=110)
+    atomic_replace(out, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return out
 
@@ -275,7 +280,7 @@ def plot_run(run_dir: Path, summary: dict | None = None) -> Path:
     fig.suptitle(f"SCU run {run_dir.name}" + (f" — stop: {stop}" if stop else ""))
     fig.tight_layout()
     out = run_dir / "scu_run.png"
-    fig.savefig(out, dpi=110)
+    atomic_replace(out, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return out
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,6 +15,7 @@ from . import checkpoint, models, resume
 from .config import ConfigError, validate
 from .data import load_corpus
 from .lora import apply_lora, count_trainable, save_adapter
+from .sinks import redact_text
 from .records import ADAPTER_DIR, FAILURE_FILE, SUMMARY_FILE, StopReason, atomic_write_json
 from .train import Diverged, RunResult, rank_size, train
 
@@ -23,6 +26,46 @@ _FINAL_KEYS = ("loss", "data_bpt", "param_bpt", "s_ratio", "s_ema", "lambda", "i
 
 class RunFailed(RuntimeError):
     """Training started but could not finish (e.g. a non-finite loss); one-line message."""
+
+
+class DiskError(ConfigError):
+    """The run dir cannot be written (read-only, no permission): bad input, exit 2."""
+
+
+_OOM_TEXT = ("out of memory", "bad_alloc", "malloc]", "failed to allocate", "attempting to allocate")  # GPU allocators; CPU dies
+
+
+def write_failure(run_dir: Path, stop_reason: StopReason | None, error: str) -> None:
+    """failure.json, if the disk lets us (a full or read-only disk may not)."""
+    try:
+        atomic_write_json(Path(run_dir) / FAILURE_FILE, {"stop_reason": stop_reason and stop_reason.value,
+                                                         "error": redact_text(error)})
+    except OSError as e:
+        log.warning("could not write %s: %s", FAILURE_FILE, e)
+
+
+def _free(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return -1
+
+
+def fault(e: BaseException, cfg, run_dir: Path) -> tuple | None:
+    """(one-line error, stop reason) for an out-of-memory or disk fault, else None."""
+    tc = cfg.train
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXT)):
+        return RunFailed(f"train.batch_size={tc.batch_size}: out of memory ({type(e).__name__}: {e}); "
+                         "allowed a smaller train.batch_size or train.seq_len"), StopReason.OUT_OF_MEMORY
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if full or (isinstance(e, RuntimeError) and "unable to write" in str(e).lower()):  # MLX's own writer
+        what = f"{e.strerror}: {e.filename}" if full else str(e)
+        return RunFailed(f"hydra.run.dir={run_dir}: disk full ({what}; {_free(run_dir)} bytes free); allowed a "
+                         "directory with free space"), StopReason.DISK_FULL
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return DiskError(f"hydra.run.dir={run_dir}: not writable ({e.strerror}: {e.filename}); allowed a "
+                         "writable directory"), StopReason.UNWRITABLE
+    return None
 
 
 def _summary(cfg, result: RunResult, corpus, n_params: int, adapter_dir: Path, base: str, overrides) -> dict:
@@ -52,7 +95,7 @@ def _summary(cfg, result: RunResult, corpus, n_params: int, adapter_dir: Path, b
         "data": cfg.data.name,
         "unreachable": result.unreachable,
         "controller_state": result.controller.to_dict() if result.controller else None,
-        "overrides": list(overrides),
+        "overrides": [redact_text(str(o)) for o in overrides],
     }
 
 
@@ -68,7 +111,7 @@ def _train(model, corpus, cfg, run_dir: Path, log_row, reporter, group, lead: bo
         return train(model, corpus, cfg, log_row, reporter, group, run_dir=run_dir, resume_from=ckpt)
     except Diverged as e:
         if lead:
-            atomic_write_json(run_dir / FAILURE_FILE, {"stop_reason": StopReason.DIVERGED.value, "error": str(e)})
+            write_failure(run_dir, StopReason.DIVERGED, str(e))
         raise RunFailed(f"train.lr={cfg.train.lr}: {e}; allowed a smaller train.lr or controller.lambda_max") from e
 
 
@@ -81,9 +124,19 @@ def run(cfg, run_dir: Path, overrides=(), group=None) -> float:
     validate(cfg)
     run_dir = Path(run_dir)
     fingerprint = resume.fingerprint(cfg)
-    lock = _lock(run_dir) if rank_size(group)[0] == 0 else None
+    lead = rank_size(group)[0] == 0
+    lock = None
     try:
+        lock = _lock(run_dir) if lead else None
         return _run(cfg, run_dir, overrides, group, fingerprint)
+    except (MemoryError, OSError, RuntimeError) as e:
+        found = fault(e, cfg, run_dir)
+        if found is None:
+            raise
+        err, reason = found
+        if lead:
+            write_failure(run_dir, reason, str(err))
+        raise err from e
     finally:
         if lock is not None:
             lock.release()
@@ -93,7 +146,7 @@ def _lock(run_dir: Path):
     """Hold the run dir for this process: a second live run there is bad input, not a race."""
     try:
         return resume.DirLock(run_dir)
-    except OSError as e:
+    except BlockingIOError as e:
         raise ConfigError(f"hydra.run.dir={run_dir}: another live run is using it; allowed a directory "
                           "no running scu_sweep holds") from e
 

@@ -452,15 +452,11 @@ def test_env_secrets_stay_out_of_hydra_files(secret_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap: run.py writes the job overrides into summary.json "
-                   "resolved (${oc.env:...} becomes the secret) and unscrubbed (URL passwords)")
 def test_summary_overrides_are_scrubbed(secret_run):
     run, _, secrets, _ = secret_run
     assert _leaks((run / "summary.json").read_bytes(), secrets) == []
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: report.job_row copies .hydra/overrides.yaml into "
-                   "sweep_summary.csv / sweep_report.md unscrubbed")
 def test_sweep_report_overrides_are_scrubbed(tmp_path):
     from scu_sweep.report import write_sweep_report
 
