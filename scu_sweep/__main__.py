@@ -59,6 +59,9 @@ def main(cfg) -> float:
     overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)  # ${oc.env:..} stays unexpanded
     sweep = hc.mode == RunMode.MULTIRUN
     try:
+        from scu_sweep.config import validate
+
+        validate(cfg)  # before reading any key: an unresolvable value is a one-line error too
         if cfg.train.ranks > 1:
             return _run_ranks(cfg, run_dir, overrides)
         return run(cfg, run_dir, overrides=overrides)

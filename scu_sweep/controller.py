@@ -65,5 +65,7 @@ def step(state: ControllerState, s: float, target: float, cfg: ControllerConfig)
     # Anti-windup: no integration while λ sits at a bound and e pushes further out.
     pushing_out = (state.lam >= cfg.lambda_max and e > 0) or (state.lam <= cfg.lambda_min and e < 0)
     integral = leaked if pushing_out else _clamp(leaked + cfg.ki * e, cfg.i_min, cfg.i_max)
-    lam = _clamp(state.lam * math.exp(cfg.kp * e + integral), cfg.lambda_min, cfg.lambda_max)
+    # the exponent is clamped first: exp() of a huge gain times e would overflow
+    step_log = _clamp(cfg.kp * e + integral, math.log(cfg.lambda_min / state.lam) - 1, math.log(cfg.lambda_max / state.lam) + 1)
+    lam = _clamp(state.lam * math.exp(step_log), cfg.lambda_min, cfg.lambda_max)
     return ControllerState(lam=lam, integral=integral, s_ema=s_ema)

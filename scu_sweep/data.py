@@ -143,6 +143,9 @@ def split(blocks: np.ndarray, val_fraction: float, seed: int) -> Corpus:
     """Deterministic train/validation split of whole blocks."""
     order = np.random.default_rng(seed).permutation(len(blocks))
     n_val = max(1, int(round(val_fraction * len(blocks))))
+    if n_val >= len(blocks):
+        raise ConfigError(f"data.val_fraction={val_fraction}: leaves no training block of {len(blocks)}; "
+                          "allowed a smaller data.val_fraction or a larger corpus")
     return Corpus(train=blocks[np.sort(order[n_val:])], val=blocks[np.sort(order[:n_val])])
 
 

@@ -97,3 +97,11 @@ def test_closed_loop_converges_on_a_plant():
     # 0.08 / (1 + 2λ) inside T ± deadband  <=>  λ in [0.75, 0.929]
     lo, hi = (0.08 / (T + cfg.deadband) - 1) / 2, (0.08 / (T - cfg.deadband) - 1) / 2
     assert lo - 0.02 < s.lam < hi + 0.02
+
+
+def test_huge_gains_saturate_at_the_bounds_instead_of_overflowing():
+    cfg = ControllerConfig(kp=1e300, ki=0.0, deadband=0.0)
+    st = step(ControllerState(lam=1.0, s_ema=0.5), 0.5, 0.03, cfg)
+    assert st.lam == cfg.lambda_max
+    st = step(ControllerState(lam=1.0, s_ema=0.0), 0.0, 0.03, cfg)
+    assert st.lam == cfg.lambda_min

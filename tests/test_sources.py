@@ -94,3 +94,15 @@ def test_text_files_jsonl_and_split_is_deterministic(tmp_path):
     assert (a.train == b.train).all() and (a.val == b.val).all()
     assert a.train_tokens == a.train.shape[0] * 32
     assert not set(map(bytes, a.train)) & set(map(bytes, a.val))
+
+
+def test_a_split_that_leaves_no_training_block_is_refused():
+    import numpy as np
+
+    from scu_sweep.config import ConfigError
+    from scu_sweep.data import split
+
+    blocks = np.arange(2 * 9, dtype=np.int32).reshape(2, 9)
+    assert split(blocks, 0.5, 0).train.shape == (1, 9)
+    with pytest.raises(ConfigError, match=r"^data.val_fraction=0.9: leaves no training block"):
+        split(blocks, 0.9, 0)
