@@ -21,6 +21,7 @@ class StopReason(str, Enum):
     DISK_FULL = "disk_full"
     UNWRITABLE = "unwritable"
     ERROR = "error"  # anything else that ended a job inside a sweep
+    KILLED = "killed"  # the job's worker process died mid-job (OOM killer, segfault)
 
 
 METRICS_FILE = "metrics.jsonl"

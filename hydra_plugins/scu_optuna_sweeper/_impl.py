@@ -50,6 +50,8 @@ def _runs_in_process(launcher: Any) -> bool:
     """True for launchers that run the job in this process (their jobs share globals)."""
     from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 
+    if type(launcher).__module__.startswith("hydra_plugins.scu_launcher"):
+        return False  # always worker processes, even with one slot
     joblib_cfg = getattr(launcher, "joblib", None)
     return isinstance(launcher, BasicLauncher) or (
         joblib_cfg is not None and joblib_cfg.get("n_jobs") == 1)
@@ -180,7 +182,7 @@ class OptunaSweeperImpl(Sweeper):
         self._launch_guard = threading.Lock() if serial else contextlib.nullcontext()
         if serial and self.cfg["n_jobs"] > 1:
             log.warning("%s runs jobs inside this process: trials run one at a time; use a "
-                        "process launcher (e.g. hydra/launcher=joblib) for n_jobs > 1",
+                        "process launcher (e.g. hydra/launcher=workers, the default) for n_jobs > 1",
                         type(self.launcher).__name__)
         threads = [threading.Thread(target=self._slot, name=f"optuna-slot-{i}", daemon=True)
                    for i in range(min(self.cfg["n_jobs"], max(n_trials, 1)))]

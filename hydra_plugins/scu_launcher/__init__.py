@@ -1,0 +1,1 @@
+"""scu_sweep's multirun launcher for Hydra (``hydra/launcher=scu_workers``)."""

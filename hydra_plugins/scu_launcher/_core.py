@@ -1,0 +1,350 @@
+"""The ``scu_workers`` launcher's work: slots, submission, dead workers, interrupts.
+
+Each of ``n_jobs`` slots owns a loky ``ProcessPoolExecutor`` with one worker (a fresh
+process, never a fork: MLX needs that), made on first use and kept for the slot's next
+jobs. A job runs hydra-joblib-launcher's ``execute_job`` there, as with
+``hydra/launcher=joblib``. When a worker dies, only its slot's pool breaks: that job
+gets ``failure.json`` (``stop_reason: killed``) and a FAILED ``JobReturn``, the slot a
+new pool, and the other jobs go on. Launches from several threads (the optuna sweeper)
+share the slots. An interrupt, or the interpreter exiting with jobs still running,
+kills every worker; a launch that ends with no other launch running stops the workers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import copy
+import logging
+import math
+import os
+import signal
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, setup_globals
+from hydra_plugins.hydra_joblib_launcher._core import execute_job
+from joblib.externals.loky import ProcessPoolExecutor, cpu_count
+from joblib.externals.loky.backend.context import get_context
+from joblib.externals.loky.process_executor import (
+    BrokenProcessPool,
+    ShutdownExecutorError,
+    TerminatedWorkerError,
+)
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from scu_sweep.records import FAILURE_FILE, SUMMARY_FILE, StopReason, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+_COMPOSE_LOCK = threading.Lock()  # Hydra's config loader and HydraConfig are not thread-safe
+_POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+
+
+class WorkerDied(RuntimeError):
+    """A job's worker process ended without a result (a signal, e.g. SIGKILL from the
+    OOM killer or SIGSEGV from a failed allocation, or an exit mid-job)."""
+
+
+class DeadWorkerReturn(JobReturn):
+    """FAILED, with the :class:`WorkerDied` error in ``_return_value``; reading
+    ``return_value`` gives NaN instead of raising it, like a job that failed inside
+    ``main``, so Hydra's BasicSweeper (which reads every return value) goes on.
+    ``failure.json`` in the job dir records the death."""
+
+    @property
+    def return_value(self) -> Any:
+        return math.nan
+
+    @return_value.setter
+    def return_value(self, value: Any) -> None:
+        self._return_value = value
+
+
+class Slot:
+    """One job at a time, in the single worker process of its own pool."""
+
+    def __init__(self) -> None:
+        self.executor: Optional[ProcessPoolExecutor] = None
+        self.workers: List[Any] = []  # the pool's worker processes, for their exit codes
+
+    def submit(self, *args: Any) -> Any:
+        for _ in range(2):
+            new = self.executor is None
+            if new:
+                self.executor = ProcessPoolExecutor(max_workers=1, context=get_context("loky"))
+            try:
+                future = self.executor.submit(execute_job, *args)
+            except (BrokenProcessPool, ShutdownExecutorError):  # its worker died while idle
+                _shut(self.detach())
+                continue
+            if new:
+                _hook_exit()
+            # the worker starts inside submit(); private, so only for the exit code
+            self.workers = list(getattr(self.executor, "_processes", {}).values())
+            return future
+        raise RuntimeError("could not start a worker process")
+
+    def detach(self) -> Optional[ProcessPoolExecutor]:
+        """Take the pool off the slot (the next job starts a new one); the caller shuts it down."""
+        executor, self.executor = self.executor, None
+        return executor
+
+
+class Pool:
+    """The slots of one launcher, shared by its concurrent launches."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.cond = threading.Condition()
+        self.slots = [Slot() for _ in range(size)]
+        self.free = list(self.slots)
+        self.launches = 0  # launches in progress
+        self.stopped = False
+
+    def wake(self, _future: Any = None) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def abandon(self, slots: List[Slot]) -> None:
+        """Kill the workers of these busy slots and free the slots."""
+        with self.cond:
+            executors = [s.detach() for s in slots]
+            self.free.extend(slots)
+            self.cond.notify_all()
+        for executor in executors:
+            _shut(executor, kill_workers=True)
+
+    def stop(self) -> None:
+        """Kill every worker (and its children) now; later launches raise KeyboardInterrupt."""
+        with self.cond:
+            self.stopped = True
+            executors = [s.executor for s in self.slots if s.executor is not None]
+            for s in self.slots:
+                s.executor = None
+            self.cond.notify_all()
+        for executor in executors:
+            _shut(executor, kill_workers=True)
+
+
+def _shut(executor: Optional[ProcessPoolExecutor], wait: bool = False,
+          kill_workers: bool = False) -> None:
+    if executor is not None:
+        executor.shutdown(wait=wait, kill_workers=kill_workers)
+
+
+def _stop_all() -> None:
+    for pool in list(_POOLS):
+        pool.stop()
+
+
+def _hook_exit() -> None:
+    """Kill the workers when the interpreter exits with jobs still running (the optuna
+    sweeper's slot threads, after Ctrl-C in its main thread). loky adds a hook that waits
+    for its pool's running jobs each time a pool starts; these hooks run in reverse order,
+    so ours goes in again after each new pool, to run before loky's."""
+    try:
+        getattr(threading, "_register_atexit", atexit.register)(_stop_all)
+    except RuntimeError:  # the interpreter is shutting down already
+        pass
+
+
+def _exiting(pool: Pool) -> bool:
+    """The pool was stopped, or the interpreter exits (also when a hook of loky's that
+    waits for running jobs got to run before ours)."""
+    return pool.stopped or getattr(threading, "_SHUTTING_DOWN", False)
+
+
+def n_slots(n_jobs: int) -> int:
+    """joblib's meaning of n_jobs: -1 = one per core, -2 = all cores but one, ..."""
+    return n_jobs if n_jobs > 0 else max(cpu_count() + 1 + n_jobs, 1)
+
+
+def _pool(launcher: Any) -> Pool:
+    with launcher.lock:
+        if launcher.pool is None:
+            setup_globals()
+            launcher.pool = Pool(n_slots(launcher.joblib["n_jobs"]))
+            _POOLS.add(launcher.pool)
+        return launcher.pool
+
+
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
+           initial_job_idx: int) -> List[JobReturn]:
+    """Run the batch, at most ``n_jobs`` jobs in flight; its JobReturns, in order."""
+    assert launcher.config is not None and launcher.task_function is not None
+    assert launcher.hydra_context is not None
+    pool = _pool(launcher)
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Launching %d jobs, up to %d at a time in worker processes, sweep output dir : %s",
+             len(job_overrides), pool.size, sweep_dir)
+    for i, overrides in enumerate(job_overrides):
+        log.info("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(overrides)))
+    with _COMPOSE_LOCK:  # not while _job_config swaps HydraConfig
+        singleton_state = Singleton.get_state()
+
+    todo = collections.deque(enumerate(job_overrides))
+    running: Dict[Any, Tuple[int, Slot]] = {}
+    results: List[Optional[JobReturn]] = [None] * len(job_overrides)
+    with pool.cond:
+        pool.launches += 1
+    try:
+        while todo or running:
+            if _exiting(pool):
+                raise KeyboardInterrupt("the sweep is exiting: its workers were stopped")
+            with pool.cond:
+                started = []
+                while todo and pool.free:
+                    started.append((todo.popleft(), pool.free.pop()))
+                if not started and not any(f.done() for f in running):
+                    pool.cond.wait(timeout=0.5)  # woken by finished jobs and freed slots
+                    continue
+            for (i, overrides), slot in started:
+                future = slot.submit(initial_job_idx + i, overrides, launcher.hydra_context,
+                                     launcher.config, launcher.task_function, singleton_state)
+                future.add_done_callback(pool.wake)
+                running[future] = (i, slot)
+            for future in [f for f in running if f.done()]:
+                i, slot = running.pop(future)
+                results[i] = _job_return(launcher, pool, slot, future, initial_job_idx + i,
+                                         job_overrides[i])
+                with pool.cond:
+                    pool.free.append(slot)
+                    pool.cond.notify_all()
+    except Exception as e:
+        if _exiting(pool):  # e.g. loky refuses new jobs once the interpreter exits
+            pool.stop()
+            raise KeyboardInterrupt("the sweep is exiting: its workers were stopped") from e
+        pool.abandon([slot for _, slot in running.values()])  # this launch only
+        raise
+    except BaseException:  # Ctrl-C, here or in a worker: every worker stops, no orphans
+        pool.stop()
+        raise
+    finally:
+        with pool.cond:
+            pool.launches -= 1
+            idle = [s.detach() for s in pool.slots if s.executor is not None and s in pool.free] \
+                if pool.launches == 0 else []
+    for executor in idle:  # let the idle workers exit; the next launch starts new ones
+        _shut(executor, wait=True)
+    assert all(isinstance(r, JobReturn) for r in results)
+    return results  # type: ignore[return-value]
+
+
+def _job_return(launcher: Any, pool: Pool, slot: Slot, future: Any, idx: int,
+                overrides: Sequence[str]) -> JobReturn:
+    try:
+        return future.result()
+    except KeyboardInterrupt:
+        raise
+    except (ShutdownExecutorError, BrokenProcessPool) as e:
+        if pool.stopped or isinstance(e, ShutdownExecutorError):
+            raise KeyboardInterrupt("the launcher's workers were stopped") from e
+        _shut(slot.detach())  # a broken pool has stopped its worker already
+        if isinstance(e, TerminatedWorkerError):
+            return _dead_job(launcher, idx, overrides, _death(slot.workers))
+        log.error("#%d: %s", idx, e)  # a task or result that could not be pickled
+        return _failed_job(launcher, idx, overrides, e)
+    except BaseException as e:  # from execute_job but not the task (run_job catches the task's)
+        log.error("#%d: the worker raised %r", idx, e)
+        return _failed_job(launcher, idx, overrides, e)
+
+
+def _death(workers: List[Any]) -> str:
+    """One line: how the worker ended, and the likely cause."""
+    hint = ("out of memory? (the OOM killer sends SIGKILL; a failed allocation segfaults in "
+            "MLX, exits in OpenBLAS); allowed a smaller train.batch_size or train.seq_len, or "
+            "fewer hydra.launcher.n_jobs")
+    codes = [(p.pid, p.exitcode) for p in workers if p.exitcode is not None]
+    if not codes:
+        return f"the job's worker process died (exit status unknown): {hint}"
+    pid, code = codes[0]
+    if code >= 0:
+        return f"the job's worker process {pid} exited with code {code} mid-job: {hint}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"the job's worker process {pid} died of {name}: {hint}"
+
+
+def _job_config(launcher: Any, idx: int, overrides: Sequence[str]) -> Tuple[DictConfig, DictConfig]:
+    """The job's config and Hydra config as its worker had them (execute_job, then
+    run_job), composed again here."""
+    with _COMPOSE_LOCK:
+        cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config,
+                                                                      list(overrides))
+        with open_dict(cfg):
+            cfg.hydra.job.id = f"{cfg.hydra.job.name}_{idx}"
+            cfg.hydra.job.num = idx
+        hydra_config = HydraConfig.instance()
+        orig = hydra_config.cfg
+        try:
+            hydra_config.set_config(cfg)  # ${hydra:...} in the sweep dir resolves to this job
+            out = os.path.join(str(OmegaConf.select(cfg, "hydra.sweep.dir")),
+                               str(OmegaConf.select(cfg, "hydra.sweep.subdir")))
+            with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+                cfg.hydra.runtime.output_dir = os.path.abspath(out)
+            hydra_config.set_config(cfg)
+            return cfg, copy.deepcopy(hydra_config.cfg)
+        finally:
+            hydra_config.cfg = orig
+
+
+def _failed_job(launcher: Any, idx: int, overrides: Sequence[str], error: BaseException,
+                cls: type = JobReturn) -> JobReturn:
+    """A FAILED JobReturn filled in as run_job fills one (no dir if composing fails)."""
+    ret = cls()
+    ret.status = JobStatus.FAILED
+    ret._return_value = error
+    ret.overrides = list(overrides)
+    try:
+        cfg, ret.hydra_cfg = _job_config(launcher, idx, overrides)
+    except Exception:  # noqa: BLE001 - the job fails all the same, without its dir
+        log.exception("#%d: could not compose the job's config", idx)
+        return ret
+    task_cfg = copy.deepcopy(cfg)
+    with read_write(task_cfg), open_dict(task_cfg):
+        del task_cfg["hydra"]
+    ret.cfg = task_cfg
+    ret.overrides = OmegaConf.to_container(cfg.hydra.overrides.task)
+    ret.task_name, ret.working_dir = cfg.hydra.job.name, os.getcwd()
+    return ret
+
+
+def _dead_job(launcher: Any, idx: int, overrides: Sequence[str], error: str) -> JobReturn:
+    """failure.json (stop_reason killed) in the job dir, one log line, a FAILED return."""
+    ret = _failed_job(launcher, idx, overrides, WorkerDied(error), cls=DeadWorkerReturn)
+    if ret.hydra_cfg is None:
+        log.error("#%d failed: %s", idx, error)
+        return ret
+    job_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir)
+    if (job_dir / SUMMARY_FILE).exists():  # it finished, then died: the files decide
+        log.error("#%d: %s, after writing %s", idx, error, SUMMARY_FILE)
+        return ret
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        _save_configs(ret, job_dir)
+        atomic_write_json(job_dir / FAILURE_FILE,
+                          {"stop_reason": StopReason.KILLED.value, "error": error})
+    except OSError as e:
+        log.warning("#%d: could not write %s: %s", idx, FAILURE_FILE, e)
+    log.error("#%d failed: %s (%s)", idx, error, job_dir / FAILURE_FILE)
+    return ret
+
+
+def _save_configs(ret: JobReturn, job_dir: Path) -> None:
+    """``.hydra/*.yaml`` as run_job writes them, when the worker died before it did."""
+    subdir = ret.hydra_cfg.hydra.output_subdir
+    if subdir is None or (job_dir / str(subdir) / "overrides.yaml").exists():
+        return
+    out = job_dir / str(subdir)
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(ret.cfg, out / "config.yaml")
+    OmegaConf.save(ret.hydra_cfg, out / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(list(ret.overrides or [])), out / "overrides.yaml")
