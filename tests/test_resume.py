@@ -41,6 +41,14 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def wait_for(proc: subprocess.Popen, cwd: Path, *patterns: str, timeout: float = 300) -> None:
+    """Until each glob pattern matches something under ``cwd`` (the process still running)."""
+    deadline = time.time() + timeout
+    while not all(list(cwd.glob(p)) for p in patterns):
+        assert time.time() < deadline and proc.poll() is None, (cwd / "log").read_text()[-2000:]
+        time.sleep(0.05)
+
+
 def only(pattern: str, cwd: Path) -> Path:
     found = sorted(cwd.glob(pattern))
     assert len(found) == 1, found
@@ -166,12 +174,9 @@ def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_metrics(tmp
 
 @pytest.mark.slow
 def test_resume_never_starts_a_new_dir_and_a_live_dir_is_refused(tmp_path):
-    args = TINY + ["train.steps=400", "train.checkpoint_every=5"]
+    args = TINY + ["train.steps=200", "train.checkpoint_every=5"]
     proc = start(args, tmp_path)
-    deadline = time.time() + 120
-    while not list(tmp_path.glob("outputs/runs/*/*/checkpoints/latest.json")):
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    wait_for(proc, tmp_path, "outputs/runs/*/*/checkpoints/latest.json")
     run_dir = only("outputs/runs/*/*", tmp_path)
     second = subprocess.run([sys.executable, "-m", "scu_sweep", *args, f"hydra.run.dir={run_dir}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -190,11 +195,7 @@ def test_resume_never_starts_a_new_dir_and_a_live_dir_is_refused(tmp_path):
 def test_a_killed_multirun_finishes_what_is_missing_and_keeps_what_finished(tmp_path):
     args = ["-m", *TINY, "train.steps=300", "train.checkpoint_every=10", "target_s=0.02,0.03,0.05,0.07"]
     proc = start(args, tmp_path)
-    deadline = time.time() + 300
-    while len(list(tmp_path.glob("outputs/multirun/*/*/*/summary.json"))) < 1 or \
-            len(list(tmp_path.glob("outputs/multirun/*/*/*/checkpoints/latest.json"))) < 1:
-        assert time.time() < deadline and proc.poll() is None, (tmp_path / "log").read_text()[-2000:]
-        time.sleep(0.05)
+    wait_for(proc, tmp_path, "outputs/multirun/*/*/*/summary.json", "outputs/multirun/*/*/*/checkpoints/latest.json")
     kill_group(proc)
     sweep = only("outputs/multirun/*/*", tmp_path)
     before = {p.parent.name: p.read_text() for p in sweep.glob("*/summary.json")}
@@ -220,11 +221,7 @@ def test_a_killed_optuna_study_requeues_its_interrupted_trials(tmp_path):
     args = ["experiment=optuna_tiny_kp_ki", "hydra/sweeper/pruner=none", "hydra.sweeper.n_trials=5",
             "train.steps=300", "train.checkpoint_every=10"]
     proc = start(args, tmp_path)
-    deadline = time.time() + 300
-    while len(list(tmp_path.glob("outputs/multirun/*/*/*/trial.json"))) < 1 or \
-            len(list(tmp_path.glob("outputs/multirun/*/*/*/checkpoints/latest.json"))) < 1:
-        assert time.time() < deadline and proc.poll() is None, (tmp_path / "log").read_text()[-2000:]
-        time.sleep(0.05)
+    wait_for(proc, tmp_path, "outputs/multirun/*/*/*/trial.json", "outputs/multirun/*/*/*/checkpoints/latest.json")
     kill_group(proc)
     sweep = only("outputs/multirun/*/*", tmp_path)
     storage = f"sqlite:///{sweep / 'optuna.db'}"
