@@ -164,8 +164,11 @@ def load(model_cfg):
         raise ConfigError(redact_text(
             f"model.path={ref!r}: could not be loaded by mlx-lm ({type(e).__name__}: {first}); {_MODEL_ALLOWED}")) from e
     if not keep_quantized(model_cfg.quantized):
+        from .losses import install_fast_ops
+
         dequantize_fp32(model)
         model.set_dtype(mx.float32)  # CPU: fp16/bf16 matmuls get no BLAS
+        install_fast_ops(model)  # SwiGLU and attention softmax with the vectorised exp (losses.py)
     return model, tokenizer, ref
 
 

@@ -18,6 +18,7 @@ from .controller import ControllerConfig, ControllerState, initial_state
 from .controller import step as control_step
 from .data import Corpus, batch_indices, val_batches
 from .lora import sum_sq
+from .losses import causal_lm_loss
 from .records import StopReason
 from .resume import fingerprint
 from .saturation import SaturationConfig, SaturationDetector
@@ -30,9 +31,9 @@ class Diverged(RuntimeError):
 
 
 def ce_loss(model, x, y):
-    """Mean next-token cross-entropy in nats (fp32 logits)."""
-    logits = model(x).astype(mx.float32)
-    return nn.losses.cross_entropy(logits, y, reduction="mean")
+    """Mean next-token cross-entropy in nats (fp32 logits); on CPU the output head and the
+    loss are fused, with the same value and gradient (losses.causal_lm_loss)."""
+    return causal_lm_loss(model, x, y)
 
 
 def make_train_step(model, optimizer, coef: float, group=None):
