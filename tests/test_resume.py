@@ -241,5 +241,34 @@ def test_a_killed_optuna_study_requeues_its_interrupted_trials(tmp_path):
     assert len(counted) == 5 and all(t.state.is_finished() for t in counted)
     requeued = {t.user_attrs["scu_sweep.job_num"]: t for t in counted if "scu_sweep.job_num" in t.user_attrs}
     for t in marked:  # same parameters, continued in the interrupted trial's job dir
+        if not t.params:  # killed between ask() and drawing its parameters: it never ran
+            continue
         assert requeued[t.number].params == t.params
         assert json.loads((sweep / str(t.number) / "trial.json").read_text())["number"] == requeued[t.number].number
+
+
+def test_a_restarted_study_marks_every_running_trial_of_its_own_storage(tmp_path):
+    """A trial killed between ask() and its parameters has neither: it is marked and dropped;
+    one with parameters is re-queued into its own job dir; n_trials counts finished trials."""
+    import optuna
+
+    import sweeper_helpers as h
+
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    bare = study.ask()  # no parameters, no sweep tag
+    tagged = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    tagged.set_user_attr("scu_sweep.sweep_dir", str(sweep))
+    h.run_app(sweep, "x=interval(0,1)", "hydra.sweeper.n_trials=3", "steps=2")
+    trials = h.load_study(storage, "s").trials
+    by_number = {t.number: t for t in trials}
+    for t in (bare, tagged):
+        assert by_number[t.number].state == optuna.trial.TrialState.FAIL
+        assert by_number[t.number].user_attrs["scu_sweep.interrupted"] is True
+    counted = [t for t in trials if not t.user_attrs.get("scu_sweep.interrupted")]
+    assert len(counted) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in counted)
+    (again,) = [t for t in counted if t.user_attrs.get("scu_sweep.job_num") == tagged.number]
+    assert again.params == tagged.params
+    assert json.loads((sweep / str(tagged.number) / "trial.json").read_text())["number"] == again.number

@@ -29,6 +29,12 @@ PACKAGE_DIRS = [Path(scu_sweep.__file__).resolve().parent, ROOT / "hydra_plugins
 # --- source scan --------------------------------------------------------------------------
 
 _PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+# loky's process pool pickles job arguments between this sweep's own processes, never a file
+_IPC_MODULES = ("joblib.externals.loky",)
+
+
+def _pickle_module(name: str) -> bool:
+    return name.split(".")[0] in _PICKLE_MODULES and not name.startswith(_IPC_MODULES)
 
 
 def _dotted(node) -> str:
@@ -52,8 +58,8 @@ def unsafe_calls(source: str, name: str = "<src>") -> list:
     for node in ast.walk(ast.parse(source, name)):
         where = f"{name}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, ast.Import):
-            found += [f"{where} import {a.name}" for a in node.names if a.name.split(".")[0] in _PICKLE_MODULES]
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in _PICKLE_MODULES:
+            found += [f"{where} import {a.name}" for a in node.names if _pickle_module(a.name)]
+        elif isinstance(node, ast.ImportFrom) and _pickle_module(node.module or ""):
             found.append(f"{where} from {node.module} import")
         elif isinstance(node, ast.Call):
             func = _dotted(node.func)
@@ -103,6 +109,7 @@ yaml.safe_load(text)
 mx.eval(x); model.eval()
 """
     assert unsafe_calls(ok) == []
+    assert unsafe_calls("from joblib.externals.loky import ProcessPoolExecutor") == []
 
 
 def test_no_module_unpickles_or_runs_remote_code():

@@ -129,15 +129,20 @@ class OptunaSweeperImpl(Sweeper):
         re-queued with their parameters (continuing in their job dir); returns how many of
         this sweep dir's trials had finished."""
         done = 0
+        # the sweep dir's own storage is this sweep's alone (we hold the dir's lock): all of
+        # its RUNNING trials are ours, also one killed before it was tagged with SWEEP_ATTR
+        private = self.storage == resolve_storage(None, self.sweep_dir)
         for t in self.study.get_trials(deepcopy=False):
-            if t.user_attrs.get(SWEEP_ATTR) != str(self.sweep_dir):
+            running = t.state == optuna.trial.TrialState.RUNNING
+            if t.user_attrs.get(SWEEP_ATTR) != str(self.sweep_dir) and not (private and running):
                 continue
-            if t.state == optuna.trial.TrialState.RUNNING:
+            if running:
                 self.backend.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
                 self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-                self.study.enqueue_trial(t.params, user_attrs={
-                    JOB_ATTR: t.user_attrs.get(JOB_ATTR, t.number), SWEEP_ATTR: str(self.sweep_dir)})
-                log.warning("trial %d was interrupted: re-queued", t.number)
+                if t.params:  # one killed before its parameters were drawn never ran
+                    self.study.enqueue_trial(t.params, user_attrs={
+                        JOB_ATTR: t.user_attrs.get(JOB_ATTR, t.number), SWEEP_ATTR: str(self.sweep_dir)})
+                log.warning("trial %d was interrupted: %s", t.number, "re-queued" if t.params else "dropped")
             elif t.state.is_finished() and not t.user_attrs.get(INTERRUPTED_ATTR):
                 done += 1
         return done
