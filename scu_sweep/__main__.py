@@ -26,15 +26,13 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _run_ranks(cfg, run_dir: Path, overrides) -> float:
-    """``train.ranks`` > 1: validate here, train as N processes, read rank 0's summary."""
+    """``train.ranks`` > 1 (``main`` has validated): train as N processes, read rank 0's summary."""
     import json
 
-    from scu_sweep.config import validate
     from scu_sweep.ranks import launch
     from scu_sweep.records import SUMMARY_FILE
     from scu_sweep.run import RunFailed, objective
 
-    validate(cfg)
     code = launch(cfg, run_dir, overrides)
     if code != 0:
         failure = run_dir / FAILURE_FILE

@@ -16,7 +16,6 @@ number is the whole RNG and data position.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .records import atomic_write_json
+from .records import atomic_write_json, fsync_path
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest.json"
@@ -38,14 +37,6 @@ class Checkpoint:
     state: dict  # JSON state of the loop
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(run_dir: Path, step: int, model, optimizer, state: dict) -> Path:
     """Write checkpoint ``step`` and make it the latest; returns its directory."""
     root = Path(run_dir) / CKPT_DIR
@@ -56,9 +47,9 @@ def save(run_dir: Path, step: int, model, optimizer, state: dict) -> Path:
     arrays = {f"adapter.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
     mx.save_safetensors(str(d / "arrays.safetensors"), arrays)
-    _fsync(d / "arrays.safetensors")
+    fsync_path(d / "arrays.safetensors")
     atomic_write_json(d / "state.json", dict(state, step=step))
-    _fsync(d)
+    fsync_path(d)
     atomic_write_json(root / LATEST, {"step": step, "dir": d.name})  # the commit point
     for old in root.glob("step-*"):
         if old != d and old.is_dir():

@@ -60,6 +60,15 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes its new entries durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_replace(path: Path, write) -> None:
     """``write(tmp_path)`` into a temp file beside ``path``, fsync it, rename it over ``path``.
 
@@ -69,11 +78,7 @@ def atomic_replace(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

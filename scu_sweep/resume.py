@@ -35,20 +35,11 @@ _IGNORED = ("logger", "pruning")  # keys that do not change what a run computes
 _IGNORED_TRAIN = ("resume", "checkpoint_every")
 
 
-def _plain(cfg: Any) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra
-        pass
-    return dict(cfg)
-
-
 def fingerprint(cfg: Any) -> str:
     """sha256 of everything that decides a run's numbers (not logging, pruning links, resume keys)."""
-    c = {k: v for k, v in _plain(cfg).items() if k not in _IGNORED and k != "hydra"}
+    from .sinks import plain_config
+
+    c = {k: v for k, v in plain_config(cfg).items() if k not in _IGNORED and k != "hydra"}
     c["train"] = {k: v for k, v in c.get("train", {}).items() if k not in _IGNORED_TRAIN}
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

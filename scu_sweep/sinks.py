@@ -49,7 +49,7 @@ def redact_text(text: str, secrets: set | None = None) -> str:
     return text
 
 
-def _plain(cfg: Any) -> dict:
+def plain_config(cfg: Any) -> dict:
     """The config as plain containers, resolved where possible."""
     try:
         from omegaconf import DictConfig, OmegaConf
@@ -345,7 +345,7 @@ def make_sinks(cfg: Any, run_dir: Path) -> Sinks:
     """metrics.jsonl + progress always; wandb when ``logger.name == "wandb"``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    c = _plain(cfg)
+    c = plain_config(cfg)
     sweep = sweep_dir(run_dir)
     name = f"job {run_dir.name}" if sweep is not None else run_dir.name
     sinks: list = [JsonlSink(run_dir),

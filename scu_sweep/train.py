@@ -180,6 +180,7 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
     t0, started_at = time.perf_counter(), resumed.get("started_at", time.time())
     row: dict = resumed.get("row", {})
     first = resumed.get("step", 0) + 1
+    config_hash = fingerprint(cfg) if run_dir is not None and tc.checkpoint_every else None
     for step in range(first, tc.steps + 1):
         rows = batch_indices(step - 1, len(corpus.train), tc.batch_size, tc.seed)
         b = mx.array(corpus.train[rows[rank::size]])
@@ -223,7 +224,7 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
             from . import checkpoint
 
             checkpoint.save(run_dir, step, model, optimizer, {
-                "config_hash": fingerprint(cfg), "controller": state.to_dict(), "detector": detector.state_dict(), "best": best,
+                "config_hash": config_hash, "controller": state.to_dict(), "detector": detector.state_dict(), "best": best,
                 "unreachable": unreachable, "row": row, "wall_s": wall, "started_at": started_at})
     if "val_data_bpt" not in row:  # pruned between evaluations
         best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)

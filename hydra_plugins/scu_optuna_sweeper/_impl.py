@@ -112,7 +112,7 @@ class OptunaSweeperImpl(Sweeper):
         pruner_spec = OmegaConf.to_container(self.pruner_cfg, resolve=True)
         backend = pruning.open_storage(storage)
         name = self.cfg["study_name"]
-        if name is None and storage == resolve_storage(None, self.sweep_dir):  # a restarted sweep
+        if name is None and self.private_storage:  # a restarted sweep
             names = optuna.get_all_study_names(backend)
             name = names[0] if len(names) == 1 else None
         study = pruning._retry(lambda: optuna.create_study(
@@ -129,12 +129,11 @@ class OptunaSweeperImpl(Sweeper):
         re-queued with their parameters (continuing in their job dir); returns how many of
         this sweep dir's trials had finished."""
         done = 0
-        # the sweep dir's own storage is this sweep's alone (we hold the dir's lock): all of
-        # its RUNNING trials are ours, also one killed before it was tagged with SWEEP_ATTR
-        private = self.storage == resolve_storage(None, self.sweep_dir)
         for t in self.study.get_trials(deepcopy=False):
             running = t.state == optuna.trial.TrialState.RUNNING
-            if t.user_attrs.get(SWEEP_ATTR) != str(self.sweep_dir) and not (private and running):
+            # the sweep dir's own storage is this sweep's alone (we hold the dir's lock): all of
+            # its RUNNING trials are ours, also one killed before it was tagged with SWEEP_ATTR
+            if t.user_attrs.get(SWEEP_ATTR) != str(self.sweep_dir) and not (self.private_storage and running):
                 continue
             if running:
                 self.backend.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
@@ -165,6 +164,7 @@ class OptunaSweeperImpl(Sweeper):
         self._parse(arguments)
         self.sweep_dir = sweep_dir
         self.storage = resolve_storage(self.cfg["storage"], sweep_dir)
+        self.private_storage = self.storage == resolve_storage(None, sweep_dir)  # optuna.db in the sweep dir
         self.study = self._make_study(self.storage)
         n_trials = self.cfg["n_trials"]
         if isinstance(self.study.sampler, optuna.samplers.GridSampler):
