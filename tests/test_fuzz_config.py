@@ -21,6 +21,7 @@ the key named, no summary.json.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import typing
@@ -364,10 +365,19 @@ FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
 
 
-@FUZZ
-@given(OVERRIDES)
-def test_fuzzed_overrides_fail_cleanly_or_are_valid(overrides):
-    judge(overrides)
+def test_fuzzed_overrides_fail_cleanly_or_are_valid():
+    """``judge`` asserts on every drawn configuration; the run as a whole must also have
+    drawn all three outcomes, or the fuzzing did not reach past composition."""
+    outcomes = collections.Counter()
+
+    @FUZZ
+    @given(OVERRIDES)
+    def prop(overrides):
+        outcomes[judge(overrides)] += 1
+
+    prop()
+    assert set(outcomes) == {"composition", "refused", "valid"}, outcomes
+    assert sum(outcomes.values()) >= FUZZ_EXAMPLES, outcomes
 
 
 @pytest.mark.parametrize("overrides,outcome", [

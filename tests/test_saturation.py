@@ -1,3 +1,5 @@
+import json
+
 from scu_sweep.saturation import SaturationConfig, SaturationDetector
 
 T = 0.03
@@ -71,3 +73,28 @@ def test_unreachable_resets_when_lambda_leaves_the_bound():
     for t in range(6, 10):
         d.update(t, 1e-4, 0.001)
     assert d.unreachable is None
+
+
+def test_a_restored_detector_continues_exactly_like_the_original():
+    """state_dict/load_state (checkpoints) carry λ window, bound run, best validation."""
+    trace = [(1.0, 0.05), (10.0, 0.05), (10.0, 0.05), (10.0, 0.04), (0.9, 0.031), (0.86, 0.0305),
+             (0.861, 0.0302), (0.861, 0.0301), (0.861, 0.0300), (0.861, 0.0300), (0.861, 0.0300)]
+    vals = {2: 5.0, 4: 4.8, 6: 4.9, 8: 4.95, 10: 4.97}
+    a = det(window=3, patience=2)
+    for t, (lam, s) in enumerate(trace[:5], start=1):
+        if t in vals:
+            a.observe_val(vals[t])
+        a.update(t, lam, s)
+    b = det(window=3, patience=2)
+    b.load_state(json.loads(json.dumps(a.state_dict())))  # through JSON, as a checkpoint does
+    fresh = det(window=3, patience=2)  # the same tail without the history
+    got, fresh_got = [], []
+    for t, (lam, s) in enumerate(trace[5:], start=6):
+        if t in vals:
+            a.observe_val(vals[t]), b.observe_val(vals[t]), fresh.observe_val(vals[t])
+        want = a.update(t, lam, s)
+        got.append(b.update(t, lam, s))
+        fresh_got.append(fresh.update(t, lam, s))
+        assert got[-1] == want and a.state_dict() == b.state_dict()
+    assert b.best_val == 4.8 and b.evals_since_best == 3
+    assert True in got and got != fresh_got  # the restored history decides when it stops
