@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -116,6 +117,35 @@ class DirLock:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
             _HELD.discard(self.dir)
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux ``/proc``), else ``""``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in () may hold spaces
+
+
+def process_token(pid: Optional[int] = None) -> str:
+    """``host:pid:start`` naming one process; the start time tells a reused pid apart."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
+
+
+def token_alive(token: str) -> Optional[bool]:
+    """Whether the process named by :func:`process_token` still runs; None on another host."""
+    host, pid, start = token.rsplit(":", 2)
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return _start_time(int(pid)) == start
 
 
 def _locked(directory: Path) -> bool:

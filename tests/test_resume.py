@@ -272,3 +272,54 @@ def test_a_restarted_study_marks_every_running_trial_of_its_own_storage(tmp_path
     (again,) = [t for t in counted if t.user_attrs.get("scu_sweep.job_num") == tagged.number]
     assert again.params == tagged.params
     assert json.loads((sweep / str(tagged.number) / "trial.json").read_text())["number"] == again.number
+
+
+def test_a_sweep_sharing_its_dir_leaves_a_live_workers_running_trial_alone(tmp_path):
+    """launchers/local_workers.sh: two sweeps on one dir. The second one's start must not take
+    the first's RUNNING trial for an interrupted one (it did: the first then crashed telling it);
+    a RUNNING trial whose sweep process is gone is recovered."""
+    import optuna
+
+    import sweeper_helpers as h
+
+    from scu_sweep.pruning import open_storage
+
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    storage = f"journal:{sweep / 'optuna.journal'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(storage))
+    live_proc = subprocess.Popen(["sleep", "60"])
+    dead_proc = subprocess.Popen(["true"])
+    dead_proc.wait()
+    x = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    live, dead = study.ask(x), study.ask(x)
+    for t, p in ((live, live_proc), (dead, dead_proc)):
+        t.set_user_attr("scu_sweep.sweep_dir", str(sweep))
+        t.set_user_attr("scu_sweep.owner", resume.process_token(p.pid))
+    try:
+        h.run_app(sweep, "x=interval(0,1)", "hydra.sweeper.n_trials=2", "steps=2",
+                  f"hydra.sweeper.storage='{storage}'", "hydra.sweeper.study_name=s",
+                  "hydra.sweeper.load_if_exists=true")
+    finally:
+        live_proc.kill()
+        live_proc.wait()
+    by_number = {t.number: t for t in h.load_study(storage, "s").trials}
+    assert by_number[live.number].state == optuna.trial.TrialState.RUNNING
+    assert "scu_sweep.interrupted" not in by_number[live.number].user_attrs
+    assert by_number[dead.number].state == optuna.trial.TrialState.FAIL
+    assert by_number[dead.number].user_attrs["scu_sweep.interrupted"] is True
+    (again,) = [t for t in by_number.values() if t.user_attrs.get("scu_sweep.job_num") == dead.number]
+    assert again.params == dead.params and again.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_process_token_names_a_live_process_and_not_a_reused_pid():
+    me = resume.process_token()
+    assert resume.token_alive(me) is True
+    host, pid, start = me.rsplit(":", 2)
+    if start:  # Linux: the same pid with another start time is another process
+        assert resume.token_alive(f"{host}:{pid}:{int(start) + 1}") is False
+    proc = subprocess.Popen(["true"])
+    token = resume.process_token(proc.pid)
+    proc.wait()
+    assert resume.token_alive(token) is False
+    assert resume.token_alive(f"another-host.invalid:{pid}:{start}") is None

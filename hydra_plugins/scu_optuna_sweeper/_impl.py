@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from scu_sweep import pruning
+from scu_sweep.resume import process_token, token_alive
 
 from ._space import format_value, grid, quote, search_space
 from ._verdict import Verdict, judge, write_json
@@ -38,6 +39,7 @@ _STATES = {"COMPLETE": optuna.trial.TrialState.COMPLETE,
 SWEEP_ATTR = "scu_sweep.sweep_dir"  # which sweep dir ran the trial (its restart finds it)
 JOB_ATTR = "scu_sweep.job_num"  # the job dir a re-queued trial continues in
 INTERRUPTED_ATTR = "scu_sweep.interrupted"
+OWNER_ATTR = "scu_sweep.owner"  # the sweep process running the trial (resume.process_token)
 
 
 def _job_dir(ret: Optional[JobReturn]) -> Optional[Path]:
@@ -125,9 +127,10 @@ class OptunaSweeperImpl(Sweeper):
         return study
 
     def _recover(self) -> int:
-        """After a kill: this sweep dir's RUNNING trials are marked interrupted, told FAIL and
-        re-queued with their parameters (continuing in their job dir); returns how many of
-        this sweep dir's trials had finished."""
+        """After a kill: this sweep dir's RUNNING trials whose sweep process is gone are marked
+        interrupted, told FAIL and re-queued with their parameters (continuing in their job
+        dir); those of a live process (or one on another host) are left alone. Returns how
+        many of this sweep dir's trials had finished."""
         done = 0
         for t in self.study.get_trials(deepcopy=False):
             running = t.state == optuna.trial.TrialState.RUNNING
@@ -135,6 +138,9 @@ class OptunaSweeperImpl(Sweeper):
             # its RUNNING trials are ours, also one killed before it was tagged with SWEEP_ATTR
             if t.user_attrs.get(SWEEP_ATTR) != str(self.sweep_dir) and not (self.private_storage and running):
                 continue
+            owner = t.user_attrs.get(OWNER_ATTR)
+            if running and owner and token_alive(owner) is not False:
+                continue  # another live sweep process on this dir runs it (launchers/local_workers.sh)
             if running:
                 self.backend.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
                 self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
@@ -165,6 +171,7 @@ class OptunaSweeperImpl(Sweeper):
         self.sweep_dir = sweep_dir
         self.storage = resolve_storage(self.cfg["storage"], sweep_dir)
         self.private_storage = self.storage == resolve_storage(None, sweep_dir)  # optuna.db in the sweep dir
+        self.owner = process_token()
         self.study = self._make_study(self.storage)
         n_trials = self.cfg["n_trials"]
         if isinstance(self.study.sampler, optuna.samplers.GridSampler):
@@ -215,6 +222,7 @@ class OptunaSweeperImpl(Sweeper):
                     self.remaining -= 1
                     trial = self.study.ask(self.space)
                     trial.set_user_attr(SWEEP_ATTR, str(self.sweep_dir))
+                    trial.set_user_attr(OWNER_ATTR, self.owner)
                 self._run_trial(trial)
         except BaseException as e:  # e.g. the storage went away: stop, re-raised by sweep()
             with self._lock:
@@ -259,6 +267,8 @@ class OptunaSweeperImpl(Sweeper):
             if not isinstance(self.study.sampler, optuna.samplers.GridSampler):
                 raise
             self.stop = True
+        except ValueError as e:  # another process told it first: its verdict stands
+            log.warning("trial %d: %s; this sweep's verdict was %s", trial.number, e, verdict.state)
         self.verdicts[trial.number] = verdict
         if verdict.state == "FAIL":
             self.failed += 1
