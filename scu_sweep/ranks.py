@@ -19,6 +19,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .lifeline import PARENT_ENV, die_with_env_parent
+
 RANK_DIR = "ranks"  # inside the run dir: resolved config and overrides for the ranks
 HOSTFILE_ENV = "SCU_SWEEP_HOSTFILE"
 
@@ -70,7 +72,8 @@ def run_local_ranks(rank_cmd: list, n: int, workdir: Path, env: dict | None = No
     port = _free_port_block(n)
     hosts = Path(workdir) / "ring_hosts.json"
     hosts.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(n)]))
-    env = dict(env or os.environ, MLX_HOSTFILE=str(hosts), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env = dict(env or os.environ, MLX_HOSTFILE=str(hosts), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               **{PARENT_ENV: str(os.getpid())})
     procs = [subprocess.Popen(rank_cmd, env={**env, "MLX_RANK": str(r)}) for r in range(n)]
     code = 0
     try:
@@ -93,6 +96,7 @@ def main(run_dir: str) -> int:
     """One rank: join the group, run, exit 0 / 1 (run failed) / 2 (bad input)."""
     from .backend import preload_blas
 
+    die_with_env_parent()  # a rank whose job process was SIGKILLed does not train on alone
     preload_blas()
     import mlx.core as mx
 

@@ -245,13 +245,14 @@ def test_a_killed_trial_fails_only_itself_in_an_optuna_sweep(tmp_path):
     assert len(_csv(sweep)) == 3
 
 
-def _interrupt(tmp_path, group: bool, args, cmd=None, started=None, one_blas_thread=True):
-    """Start a sweep, wait until 2 workers run jobs, SIGINT it; return (pids, seconds to clean)."""
+def _interrupt(tmp_path, group: bool, args, cmd=None, started=None, one_blas_thread=True,
+               sig=signal.SIGINT, children="popen_loky_posix"):
+    """Start a sweep, wait until 2 workers run jobs, send ``sig``; return (pids, seconds to clean)."""
     tag = uuid.uuid4().hex
     proc = _start(args, tmp_path, tag, cmd=cmd)
     try:
         def workers():
-            found = {p: c for p, c in _tagged(tag).items() if "popen_loky_posix" in c}
+            found = {p: c for p, c in _tagged(tag).items() if children in c}
             return found if len(found) == 2 and (started is None or started()) else None
 
         found = _wait_for(workers, 300, "two running workers", proc)
@@ -260,9 +261,9 @@ def _interrupt(tmp_path, group: bool, args, cmd=None, started=None, one_blas_thr
             assert _worker_env(pid).get("OPENBLAS_NUM_THREADS") == "1"
         t0 = time.monotonic()
         if group:
-            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal
+            os.killpg(proc.pid, sig)  # Ctrl-C in a terminal
         else:
-            os.kill(proc.pid, signal.SIGINT)  # the sweep process alone
+            os.kill(proc.pid, sig)  # the sweep process alone
         proc.wait(timeout=60)
         _wait_for(lambda: not _tagged(tag), 10, f"no process left; left: {_tagged(tag)}")
         return found, time.monotonic() - t0
@@ -290,6 +291,43 @@ def test_ctrl_c_leaves_no_worker(tmp_path, group):
                                                f"hydra.sweep.dir={sweep}"], started=training)
     assert len(found) == 2 and took < 15
     assert not any((sweep / j / "summary.json").exists() for j in ("0", "1", "2"))
+
+
+@needs_proc
+@pytest.mark.slow
+def test_a_sigkilled_sweep_leaves_no_worker_and_resumes(tmp_path):
+    """SIGKILL runs no cleanup in the sweep process: its workers notice their parent is
+    gone and kill themselves (scu_sweep.lifeline); they used to train on as orphans. The
+    same command then continues both jobs from their checkpoints."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "train.steps=400", "train.eval_every=100000", "train.checkpoint_every=5",
+            "train.batch_size=2", "saturation.enabled=false", "target_s=0.02,0.03",
+            f"hydra.sweep.dir={sweep}"]
+
+    def checkpointed():
+        return all((sweep / j / "checkpoints" / "latest.json").exists() for j in ("0", "1"))
+
+    found, took = _interrupt(tmp_path, False, args, started=checkpointed, sig=signal.SIGKILL)
+    assert len(found) == 2 and took < 10
+    assert not any((sweep / j / "summary.json").exists() for j in ("0", "1"))
+    proc = _start(args, tmp_path, uuid.uuid4().hex)
+    assert proc.wait(timeout=600) == 0, _log(tmp_path)
+    for j in ("0", "1"):
+        summary = json.loads((sweep / j / "summary.json").read_text())
+        assert summary["steps_run"] == 400 and summary["resumed_from_step"] > 0, summary
+
+
+@needs_proc
+@pytest.mark.slow
+def test_a_sigkilled_run_leaves_no_rank(tmp_path):
+    """train.ranks=2: the ranks die with the job process that started them."""
+    run = tmp_path / "run"
+    found, took = _interrupt(
+        tmp_path, False, [*TINY, "train.steps=100000", "train.eval_every=100000", "train.ranks=2",
+                          "saturation.enabled=false", "train.batch_size=2", f"hydra.run.dir={run}"],
+        started=lambda: (run / "metrics.jsonl").exists(), sig=signal.SIGKILL,
+        children="scu_sweep.ranks")
+    assert len(found) == 2 and took < 10
 
 
 @needs_proc
