@@ -178,7 +178,7 @@ def _run(cfg, run_dir: Path, overrides, group, fingerprint: str) -> float:
         from .pruning import make_reporter
 
         reporter = make_reporter(cfg.pruning)
-    sinks = make_sinks(cfg, run_dir)
+    sinks = make_sinks(cfg, run_dir, resumed=ckpt is not None)
     try:
         result = _train(model, corpus, cfg, run_dir, sinks.log, reporter, group, lead, ckpt)
         adapter_dir = save_adapter(model, run_dir / ADAPTER_DIR, adapter_config, base)

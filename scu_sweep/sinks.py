@@ -13,11 +13,12 @@ import logging
 import os
 import re
 import sys
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .records import METRICS_FILE, json_safe
+from .records import METRICS_FILE, atomic_write_text, json_safe
 
 log = logging.getLogger("scu_sweep.progress")
 
@@ -172,10 +173,27 @@ class ProgressSink:
             self._bar.stop()
 
 
+WANDB_ID_FILE = "scu_run_id"  # in run_dir/wandb: the wandb run a resumed run continues
+
+
+def _wandb_run_id(run_dir: Path, resumed: bool) -> str:
+    """The wandb run id of this run dir: kept for a run resumed from its checkpoint (online
+    wandb resumes that run; offline, ``wandb sync`` puts both parts in one run), new otherwise."""
+    path = run_dir / "wandb" / WANDB_ID_FILE
+    if resumed and path.is_file():
+        old = path.read_text().strip()
+        if old.isalnum():
+            return old
+    new = uuid.uuid4().hex[:8]  # wandb's own ids: 8 characters of [a-z0-9]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, new + "\n")
+    return new
+
+
 class WandbSink:
     """One wandb run per job (offline by default, in run_dir/wandb); never stops training."""
 
-    def __init__(self, c: dict, run_dir: Path, sweep: Path | None):
+    def __init__(self, c: dict, run_dir: Path, sweep: Path | None, resumed: bool = False):
         try:
             import wandb
         except ImportError as e:
@@ -193,8 +211,10 @@ class WandbSink:
         label = " ".join(overrides)[:100]
         name = (f"{run_dir.name}: {label}" if sweep is not None else label) or run_dir.name
         text = lambda v: None if v is None else redact_text(str(v), secrets)  # noqa: E731
+        run_id = _wandb_run_id(run_dir, resumed)
         with _redacted_argv():  # wandb's metadata records sys.argv (the command-line overrides)
             self.run = self._call("init", wandb.init, mode=lg.get("mode") or "offline",
+                                  id=run_id, resume="allow",
                                   dir=str(run_dir), project=text(lg.get("project")),
                                   entity=text(lg.get("entity")), group=text(group),
                                   name=text(name),
@@ -341,8 +361,9 @@ def group_name(sweep: Path) -> str:
     return p.name
 
 
-def make_sinks(cfg: Any, run_dir: Path) -> Sinks:
-    """metrics.jsonl + progress always; wandb when ``logger.name == "wandb"``."""
+def make_sinks(cfg: Any, run_dir: Path, resumed: bool = False) -> Sinks:
+    """metrics.jsonl + progress always; wandb when ``logger.name == "wandb"`` (a ``resumed``
+    run continues its wandb run)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     c = plain_config(cfg)
@@ -351,5 +372,5 @@ def make_sinks(cfg: Any, run_dir: Path) -> Sinks:
     sinks: list = [JsonlSink(run_dir),
                    ProgressSink(name, int(c["train"]["steps"]), float(c["target_s"]))]
     if (c.get("logger") or {}).get("name") == "wandb":
-        sinks.append(WandbSink(c, run_dir, sweep))
+        sinks.append(WandbSink(c, run_dir, sweep, resumed))
     return Sinks(run_dir, sinks)
