@@ -57,7 +57,7 @@ def main(cfg) -> float:
     overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)  # ${oc.env:..} stays unexpanded
     sweep = hc.mode == RunMode.MULTIRUN
     try:
-        from scu_sweep.config import validate
+        from scu_sweep.validation import validate
 
         validate(cfg)  # before reading any key: an unresolvable value is a one-line error too
         if cfg.train.ranks > 1:

@@ -12,7 +12,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import checkpoint, models, resume
-from .config import ConfigError, validate
+from .config import ConfigError
+from .validation import validate
 from .data import load_corpus
 from .lora import apply_lora, count_trainable, save_adapter
 from .sinks import redact_text

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from scu_sweep.config import ConfigError, validate
+from scu_sweep.config import ConfigError
+from scu_sweep.validation import validate
 
 from conftest import CONF, cli, compose_cfg
 

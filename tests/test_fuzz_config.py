@@ -32,7 +32,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from scu_sweep.config import ConfigError, SCUConfig, validate
+from scu_sweep.config import ConfigError, SCUConfig
+from scu_sweep.validation import validate
 
 from conftest import CONF, cli, compose_cfg
 

@@ -11,7 +11,7 @@ from conftest import cli, compose_cfg
 
 
 def test_seed_preset_composes_with_the_seed_numbers():
-    from scu_sweep.config import validate
+    from scu_sweep.validation import validate
 
     cfg = compose_cfg(["experiment=seed_olmo3_7b"])
     validate(cfg)
