@@ -338,3 +338,28 @@ def test_a_typo_in_the_search_space_fails_before_any_trial(tmp_path):
     proc = h.run_app(tmp_path / "sw", "xx=interval(0,1)", check=False)
     assert proc.returncode != 0 and "xx" in proc.stderr
     assert not list((tmp_path / "sw").glob("*/summary.json"))
+
+
+def test_telling_a_trial_another_process_finished_keeps_the_sweep_going(tmp_path, caplog):
+    """If another sweep process told this sweep's trial first, its verdict stands: a
+    warning, not an exception that would end this sweep."""
+    from hydra_plugins.scu_optuna_sweeper._impl import OptunaSweeperImpl
+    from hydra_plugins.scu_optuna_sweeper._verdict import Verdict
+    from scu_sweep.pruning import open_storage
+
+    storage = f"sqlite:///{tmp_path}/o.db"
+    sweeper = OptunaSweeperImpl.__new__(OptunaSweeperImpl)
+    sweeper.backend = open_storage(storage)
+    sweeper.study = optuna.create_study(study_name="s", storage=sweeper.backend)
+    sweeper.cfg = {"max_failure_rate": 0.0}
+    sweeper.n_trials, sweeper.failed, sweeper.stop, sweeper.verdicts = 2, 0, False, {}
+    other = optuna.load_study(study_name="s", storage=storage)
+    told, running = sweeper.study.ask(), sweeper.study.ask()
+    other.tell(told.number, state=optuna.trial.TrialState.FAIL)
+    sweeper._tell(told, Verdict("COMPLETE", 1.5), None)
+    assert f"trial {told.number}: " in caplog.text and "finished" in caplog.text
+    sweeper._tell(running, Verdict("COMPLETE", 2.5), None)
+    states = {t.number: (t.state, t.value) for t in other.trials}
+    assert states == {told.number: (optuna.trial.TrialState.FAIL, None),
+                      running.number: (optuna.trial.TrialState.COMPLETE, 2.5)}
+    assert sorted(sweeper.verdicts) == [told.number, running.number]

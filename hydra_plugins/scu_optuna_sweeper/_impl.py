@@ -257,18 +257,21 @@ class OptunaSweeperImpl(Sweeper):
                 "reason": verdict.reason, "steps_run": verdict.steps_run})
 
     def _tell(self, trial: optuna.Trial, verdict: Verdict, job_dir: Optional[Path]) -> None:
-        trial.set_user_attr("job_dir", str(job_dir) if job_dir else None)
-        trial.set_user_attr("reason", verdict.reason)
-        trial.set_user_attr("steps_run", verdict.steps_run)
         try:
+            trial.set_user_attr("job_dir", str(job_dir) if job_dir else None)
+            trial.set_user_attr("reason", verdict.reason)
+            trial.set_user_attr("steps_run", verdict.steps_run)
             self.study.tell(trial, verdict.value if verdict.state == "COMPLETE" else None,
                             state=_STATES[verdict.state])
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as e:
+            if not self.backend.get_trial(trial._trial_id).state.is_finished():
+                raise
+            # another process told it first (it took this live trial for an interrupted one)
+            log.warning("trial %d: %s; this sweep's verdict was %s", trial.number, e, verdict.state)
         except RuntimeError:  # the grid sampler stops the study once the grid is done
             if not isinstance(self.study.sampler, optuna.samplers.GridSampler):
                 raise
             self.stop = True
-        except ValueError as e:  # another process told it first: its verdict stands
-            log.warning("trial %d: %s; this sweep's verdict was %s", trial.number, e, verdict.state)
         self.verdicts[trial.number] = verdict
         if verdict.state == "FAIL":
             self.failed += 1
