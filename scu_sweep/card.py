@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .records import atomic_write_text
-from .report import read_json, read_metrics, run_config
+from .records import atomic_write_text, read_json
+from .report import read_metrics, run_config
 from .sinks import redact_text, scrub
 
 NEAR_ZERO = 1e-4  # |w| below this counts as near zero

@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .config import ConfigError
+from .records import PICKLE_SUFFIXES
 from .sinks import redact_text
 
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -49,7 +50,7 @@ def python_docs_texts() -> list:
 _TEXT_FILES_ALLOWED = ("allowed existing .txt/.text/.md, .jsonl/.json or .parquet files, all of one kind, "
                        "read through `datasets`' text/json/parquet builders (scripts and pickles are never run or loaded)")
 # Never handed to `datasets`: loading scripts and pickles (unpickling runs code).
-_UNSAFE_SUFFIXES = (".py", ".pyc", ".pyw", ".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib")
+_UNSAFE_SUFFIXES = (".py", ".pyc", ".pyw") + PICKLE_SUFFIXES
 
 
 def _text_files_dataset(cfg):

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError
 from .paths import cache_dir
+from .records import PICKLE_SUFFIXES
 from .sinks import redact_text
 
 _TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
@@ -80,9 +81,6 @@ def tiny_model_dir(tiny_cfg, seed: int) -> Path:
     return out
 
 
-# Pickle-based checkpoints (torch.save, joblib, ...): unpickling runs arbitrary code, so
-# they are never read. mlx-lm itself reads only model*.safetensors.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 _MODEL_ALLOWED = "allowed an mlx-lm model dir (config.json + model*.safetensors) or a hub repo id 'org/name'"
 
 
@@ -91,7 +89,7 @@ def check_model_dir(p: Path, key: str) -> None:
     where = f"{key}={redact_text(str(p))!r}"
     if not (p / "config.json").is_file():
         raise ConfigError(f"{where}: no config.json; {_MODEL_ALLOWED}")
-    if not any(p.glob("model*.safetensors")):
+    if not any(p.glob("model*.safetensors")):  # mlx-lm reads only these, never a pickle
         pickles = sorted(f.name for f in p.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
         found = f"only pickle checkpoints ({', '.join(pickles[:3])}), which are never loaded" if pickles \
             else "no model*.safetensors weights"

@@ -28,6 +28,9 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FAILURE_FILE = "failure.json"
 ADAPTER_DIR = "adapters"
+# Pickle-based checkpoint formats (torch.save, joblib, ...): unpickling runs arbitrary code,
+# so scu_sweep never reads them, as model weights or as data.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 
 # Keys every metrics.jsonl row carries (DESIGN §3); evaluation rows add VAL_KEYS.
 ROW_KEYS = ("step", "loss", "data_bpt", "param_bpt", "s_ratio", "lambda", "integral", "lr", "tokens", "wall_s")
@@ -87,6 +90,14 @@ def atomic_replace(path: Path, write) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """The object in a JSON file, or None when the file is absent or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def read_jsonl(path: Path) -> list:

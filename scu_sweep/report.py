@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .records import atomic_replace, atomic_write_text
+from .records import atomic_replace, atomic_write_text, read_json
 from .sinks import redact_text
 
 FINAL_KEYS = ("loss", "data_bpt", "param_bpt", "s_ratio", "lambda", "val_data_bpt")
@@ -25,14 +25,6 @@ COLUMNS = (
     + ["best_val_data_bpt", "tokens_seen", "wall_s", "tokens_per_s", "error"]
 )
 TRIAL_COLUMNS = ["trial_number", "trial_state", "trial_value"]
-
-
-def read_json(path: Path) -> dict | None:
-    """The object in a JSON file, or None when the file is absent or unreadable."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

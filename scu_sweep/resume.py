@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from .records import FAILURE_FILE, METRICS_FILE, SUMMARY_FILE, atomic_write_text, read_jsonl
+from .records import FAILURE_FILE, METRICS_FILE, SUMMARY_FILE, atomic_write_text, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +45,11 @@ def fingerprint(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def finished_summary(cfg: Any, run_dir: Path, fp: str) -> Optional[dict]:
     """The summary of an earlier finished run of this config in ``run_dir`` (resume=auto), else None."""
     if cfg.train.resume != "auto":
         return None
-    summary = _read_json(Path(run_dir) / SUMMARY_FILE)
+    summary = read_json(Path(run_dir) / SUMMARY_FILE)
     return summary if summary and summary.get("config_hash") == fp else None
 
 
