@@ -106,10 +106,11 @@ def _check_context(model, cfg) -> None:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len}: allowed an int <= the model's context {ctx}")
 
 
-def _train(model, corpus, cfg, run_dir: Path, log_row, reporter, group, lead: bool, ckpt=None):
+def _train(model, corpus, cfg, run_dir: Path, log_row, reporter, group, lead: bool, ckpt, fingerprint: str):
     """train(); a non-finite loss becomes RunFailed (and failure.json, written by the lead)."""
     try:
-        return train(model, corpus, cfg, log_row, reporter, group, run_dir=run_dir, resume_from=ckpt)
+        return train(model, corpus, cfg, log_row, reporter, group, run_dir=run_dir, resume_from=ckpt,
+                     config_hash=fingerprint)
     except Diverged as e:
         if lead:
             write_failure(run_dir, StopReason.DIVERGED, str(e))
@@ -167,7 +168,7 @@ def _run(cfg, run_dir: Path, overrides, group, fingerprint: str) -> float:
     n_params = count_trainable(model)
     ckpt = resume.checkpoint_to_resume(cfg, run_dir, fingerprint)
     if not lead:
-        _train(model, corpus, cfg, run_dir, lambda row: None, None, group, lead, ckpt)
+        _train(model, corpus, cfg, run_dir, lambda row: None, None, group, lead, ckpt, fingerprint)
         return math.nan
     resume.prepare_run_dir(run_dir, ckpt)
     log.info("N=%d train tokens, %d val tokens, %d trainable params", corpus.train_tokens, corpus.val_tokens, n_params)
@@ -181,7 +182,7 @@ def _run(cfg, run_dir: Path, overrides, group, fingerprint: str) -> float:
         reporter = make_reporter(cfg.pruning)
     sinks = make_sinks(cfg, run_dir, resumed=ckpt is not None)
     try:
-        result = _train(model, corpus, cfg, run_dir, sinks.log, reporter, group, lead, ckpt)
+        result = _train(model, corpus, cfg, run_dir, sinks.log, reporter, group, lead, ckpt, fingerprint)
         adapter_dir = save_adapter(model, run_dir / ADAPTER_DIR, adapter_config, base)
         summary = _summary(cfg, result, corpus, n_params, adapter_dir, base, overrides)
         summary.update(ranks=n_ranks, config_hash=fingerprint, resumed_from_step=ckpt.step if ckpt else None)

@@ -20,7 +20,6 @@ from .data import Corpus, batch_indices, val_batches
 from .lora import sum_sq
 from .losses import causal_lm_loss
 from .records import StopReason
-from .resume import fingerprint
 from .saturation import SaturationConfig, SaturationDetector
 
 log = logging.getLogger(__name__)
@@ -153,12 +152,13 @@ def _restore(ckpt, model, optimizer, detector) -> dict:
 
 
 def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=None, group=None,
-          run_dir=None, resume_from=None) -> RunResult:
+          run_dir=None, resume_from=None, config_hash: str | None = None) -> RunResult:
     """Train until saturation, pruning, divergence or ``train.steps``.
 
     ``group``: an ``mx.distributed`` group; each rank trains on its rows of every batch.
     ``run_dir``: where rank 0 writes a checkpoint every ``train.checkpoint_every`` steps;
-    ``resume_from``: a checkpoint (scu_sweep.checkpoint) to continue from.
+    ``resume_from``: a checkpoint (scu_sweep.checkpoint) to continue from; ``config_hash``
+    (resume.fingerprint of ``cfg``) goes into each checkpoint, so only this config resumes it.
     """
     tc = cfg.train
     target = float(cfg.target_s)
@@ -180,7 +180,6 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
     t0, started_at = time.perf_counter(), resumed.get("started_at", time.time())
     row: dict = resumed.get("row", {})
     first = resumed.get("step", 0) + 1
-    config_hash = fingerprint(cfg) if run_dir is not None and tc.checkpoint_every else None
     for step in range(first, tc.steps + 1):
         rows = batch_indices(step - 1, len(corpus.train), tc.batch_size, tc.seed)
         b = mx.array(corpus.train[rows[rank::size]])
