@@ -41,6 +41,7 @@ class ModelConfig:
     quantized: str = "auto"  # auto | "true" | "false": keep quantized weights (auto: not on CPU)
     max_seq_len: Optional[int] = None  # context limit; null = from the model config
     seed: int = 0  # init seed of model=tiny
+    prior_sigma: Optional[float] = None  # the σ calibrated for this model on the default corpus (prior=default uses it)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -60,7 +61,7 @@ class DataConfig:
 
 @dataclass
 class PriorConfig:
-    sigma: float = 0.24  # σ of the N(0, σ²) prior on each LoRA weight
+    sigma: float = 0.24  # σ of the N(0, σ²) prior on each LoRA weight (prior=default: ${model.prior_sigma})
 
 
 @dataclass
@@ -77,6 +78,7 @@ class TrainConfig:
     ranks: int = 1  # data-parallel processes for one run (mx.distributed); batch_size % ranks == 0
     checkpoint_every: int = 10  # steps between resumable checkpoints; 0 = none
     resume: str = "auto"  # auto: continue an interrupted run of the same command | never
+    diverge_factor: float = 3.0  # a training CE above this × the first step's CE is a divergence
 
 
 ALL_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -1,4 +1,16 @@
-"""PI controller on λ (DESIGN §2). Pure: floats in, frozen dataclasses out."""
+"""PI controllers on λ (DESIGN §2). Pure: floats in, frozen dataclasses out.
+
+Two laws share one state and one config:
+
+- ``incremental`` (the seed's, ``controller=seed``): λ ← λ·exp(Kp·e + I) every
+  ``control_every`` steps, e = Ŝ − S* absolute, Ŝ an EMA of S. The update integrates
+  log λ, and the weights (under Adam) integrate again: a double integrator that
+  overshoots unless the loop is slow.
+- ``positional`` (the default): ln λ = ln λ₀ + Kp·e + I with I ← I + Ki·e, e relative to
+  the target, a continuous dead zone, and Ŝ = P/(D̄ + P) with only DataBPT smoothed, so the
+  measurement carries no lag in the weights' term. A PI on an integrating plant: it settles
+  and follows the weights' steady drift with zero error.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +18,30 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
+LAWS = ("positional", "incremental")
+ERRORS = ("relative", "absolute")
+SMOOTHS = ("data_bpt", "s")
+
 
 @dataclass
 class ControllerConfig:
     """Gains and limits; also the Hydra schema of ``controller.*`` (the one home of these defaults)."""
 
-    kp: float = 0.8
-    ki: float = 0.15
-    deadband: float = 0.002
+    law: str = "positional"  # positional | incremental (the seed's)
+    error: str = "relative"  # relative: e = (Ŝ − S*)/S* | absolute: e = Ŝ − S* (the seed's)
+    smooth: str = "data_bpt"  # what the EMA smooths: data_bpt (Ŝ = P/(D̄+P)) | s (Ŝ = EMA of S, the seed's)
+    control_every: int = 1  # training steps per λ update
+    kp: float = 8.0
+    ki: float = 0.4
+    deadband: float = 0.03
     ema_alpha: float = 0.1
-    leak: float = 0.995
-    i_min: float = -0.2
-    i_max: float = 0.2
+    leak: float = 1.0
+    e_max: float = 0.25  # positional: the integral takes e clipped to ±e_max (no wind-up in a large transient)
+    i_min: float = -12.0
+    i_max: float = 12.0
     lambda_init: float = 1.0
     lambda_min: float = 1e-4
-    lambda_max: float = 10.0
+    lambda_max: float = 1e4
     fixed: bool = False
 
     @classmethod
@@ -32,7 +53,9 @@ class ControllerConfig:
 class ControllerState:
     lam: float
     integral: float = 0.0
-    s_ema: Optional[float] = None  # None until the first measurement
+    s_ema: Optional[float] = None  # Ŝ, the S the law acts on; None until the first measurement
+    d_ema: Optional[float] = None  # D̄, the EMA of DataBPT (smooth=data_bpt)
+    steps: int = 0  # measurements taken
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,22 +73,72 @@ def _clamp(x: float, lo: float, hi: float) -> float:
     return min(max(x, lo), hi)
 
 
-def step(state: ControllerState, s: float, target: float, cfg: ControllerConfig) -> ControllerState:
-    """One control step: EMA of S, then the PI update of λ with e = Ŝ − S*.
+def _ema(old: Optional[float], new: float, alpha: float) -> float:
+    return new if old is None else (1 - alpha) * old + alpha * new
+
+
+def smoothed(state: ControllerState, data_bits: float, param_bits: float, cfg: ControllerConfig) -> ControllerState:
+    """The state with this step's measurement folded into Ŝ (and D̄)."""
+    if cfg.smooth == "s":
+        return replace(state, s_ema=_ema(state.s_ema, param_bits / (data_bits + param_bits), cfg.ema_alpha),
+                       steps=state.steps + 1)
+    d_ema = _ema(state.d_ema, data_bits, cfg.ema_alpha)
+    return replace(state, s_ema=param_bits / (d_ema + param_bits), d_ema=d_ema, steps=state.steps + 1)
+
+
+def error(s_hat: float, target: float, cfg: ControllerConfig) -> float:
+    """Ŝ − S*, divided by S* when ``error=relative``."""
+    return (s_hat - target) / target if cfg.error == "relative" else s_hat - target
+
+
+def step(state: ControllerState, data_bits: float, param_bits: float, target: float,
+         cfg: ControllerConfig) -> ControllerState:
+    """One training step's measurement; λ moves every ``control_every`` steps.
 
     S above target gives e > 0 and raises λ (a stronger prior shrinks ParamBPT).
     """
-    s_ema = s if state.s_ema is None else (1 - cfg.ema_alpha) * state.s_ema + cfg.ema_alpha * s
-    if cfg.fixed:
-        return replace(state, s_ema=s_ema)
-    e = s_ema - target
+    state = smoothed(state, data_bits, param_bits, cfg)
+    if cfg.fixed or state.steps % cfg.control_every:
+        return state
+    e = error(state.s_ema, target, cfg)
+    if cfg.law == "incremental":
+        return _incremental(state, e, cfg)
+    return _positional(state, e, cfg)
+
+
+def _pushing_out(state: ControllerState, e: float, cfg: ControllerConfig) -> bool:
+    """λ sits at a bound and e pushes it further out (anti-windup: do not integrate)."""
+    return (state.lam >= cfg.lambda_max and e > 0) or (state.lam <= cfg.lambda_min and e < 0)
+
+
+def _integrate(state: ControllerState, e: float, cfg: ControllerConfig) -> float:
+    """I·leak + Ki·e, clamped to [i_min, i_max]; only leaked while λ sits at a bound pushed out."""
     leaked = state.integral * cfg.leak
+    return leaked if _pushing_out(state, e, cfg) else _clamp(leaked + cfg.ki * e, cfg.i_min, cfg.i_max)
+
+
+def _incremental(state: ControllerState, e: float, cfg: ControllerConfig) -> ControllerState:
+    """DESIGN §2's seed law: inside the deadband λ holds and I only leaks."""
     if abs(e) <= cfg.deadband:
-        return ControllerState(lam=state.lam, integral=leaked, s_ema=s_ema)
-    # Anti-windup: no integration while λ sits at a bound and e pushes further out.
-    pushing_out = (state.lam >= cfg.lambda_max and e > 0) or (state.lam <= cfg.lambda_min and e < 0)
-    integral = leaked if pushing_out else _clamp(leaked + cfg.ki * e, cfg.i_min, cfg.i_max)
+        return replace(state, integral=state.integral * cfg.leak)
+    integral = _integrate(state, e, cfg)
     # the exponent is clamped first: exp() of a huge gain times e would overflow
-    step_log = _clamp(cfg.kp * e + integral, math.log(cfg.lambda_min / state.lam) - 1, math.log(cfg.lambda_max / state.lam) + 1)
+    step_log = _clamp(cfg.kp * e + integral, math.log(cfg.lambda_min / state.lam) - 1,
+                      math.log(cfg.lambda_max / state.lam) + 1)
     lam = _clamp(state.lam * math.exp(step_log), cfg.lambda_min, cfg.lambda_max)
-    return ControllerState(lam=lam, integral=integral, s_ema=s_ema)
+    return replace(state, lam=lam, integral=integral)
+
+
+def _positional(state: ControllerState, e: float, cfg: ControllerConfig) -> ControllerState:
+    """ln λ = ln λ₀ + Kp·e + I on the error past a continuous dead zone (no jump at its edge)."""
+    e = math.copysign(max(abs(e) - cfg.deadband, 0.0), e)
+    integral = _integrate(state, _clamp(e, -cfg.e_max, cfg.e_max), cfg)
+    log_lam = math.log(cfg.lambda_init) + cfg.kp * e + integral
+    # a bound comes back exactly (not exp(log(bound))): the anti-windup test compares with it
+    if log_lam <= math.log(cfg.lambda_min):
+        lam = cfg.lambda_min
+    elif log_lam >= math.log(cfg.lambda_max):
+        lam = cfg.lambda_max
+    else:
+        lam = math.exp(log_lam)
+    return replace(state, lam=lam, integral=integral)

@@ -12,10 +12,12 @@ class SaturationConfig:
     """The stop rule's settings; also the Hydra schema of ``saturation.*``."""
 
     enabled: bool = True
-    window: int = 10
-    lambda_eps: float = 0.02
+    window: int = 20
+    lambda_eps: float = 0.25
+    lambda_change: str = "relative"  # relative: |λ_t − λ_{t−W}| / λ_{t−W} | absolute: |λ_t − λ_{t−W}| (DESIGN §2)
     s_tolerance: float = 0.1
-    patience: int = 0
+    patience: int = 2
+    min_delta: float = 0.0
     min_steps: int = 20
 
     @classmethod
@@ -26,8 +28,10 @@ class SaturationConfig:
 class SaturationDetector:
     """Fed once per control step (λ, Ŝ) and once per validation (val DataBPT).
 
-    Saturated: over the last W control steps |λ_t − λ_{t−W}| < eps, |Ŝ − S*|/S* < tol,
-    and the best validation DataBPT is at least ``patience`` evaluations old.
+    Saturated: over the last W control steps λ moved less than eps (relative to λ_{t−W}, or
+    absolute), every Ŝ of the window was within tol of S* (relative), and the best validation
+    DataBPT (an improvement counts only when larger than ``min_delta`` bits) is at least
+    ``patience`` evaluations old.
     Unreachable: λ sat at one bound for W steps while |Ŝ − S*|/S* > tol.
     """
 
@@ -35,6 +39,7 @@ class SaturationDetector:
         self.cfg, self.target = cfg, target
         self.lambda_min, self.lambda_max = lambda_min, lambda_max
         self._lams: deque = deque(maxlen=cfg.window + 1)
+        self._in_band = 0  # consecutive control steps with Ŝ within tolerance
         self._at_bound: Optional[str] = None
         self._bound_steps = 0
         self.best_val: Optional[float] = None
@@ -43,19 +48,21 @@ class SaturationDetector:
 
     def state_dict(self) -> dict:
         """Everything ``update``/``observe_val`` remember, as JSON (for checkpoints)."""
-        return {"lams": list(self._lams), "at_bound": self._at_bound, "bound_steps": self._bound_steps,
+        return {"lams": list(self._lams), "in_band": self._in_band, "at_bound": self._at_bound,
+                "bound_steps": self._bound_steps,
                 "best_val": self.best_val, "evals_since_best": self.evals_since_best,
                 "unreachable": self.unreachable}
 
     def load_state(self, d: dict) -> None:
         self._lams.clear()
         self._lams.extend(d["lams"])
+        self._in_band = d["in_band"]
         self._at_bound, self._bound_steps = d["at_bound"], d["bound_steps"]
         self.best_val, self.evals_since_best = d["best_val"], d["evals_since_best"]
         self.unreachable = d["unreachable"]
 
     def observe_val(self, value: float) -> None:
-        if self.best_val is None or value < self.best_val:
+        if self.best_val is None or value < self.best_val - self.cfg.min_delta:
             self.best_val, self.evals_since_best = value, 0
         else:
             self.evals_since_best += 1
@@ -77,11 +84,13 @@ class SaturationDetector:
         """Record one control step; True when the run has saturated."""
         self._lams.append(lam)
         near = self.rel_error(s_ema) < self.cfg.s_tolerance
+        self._in_band = self._in_band + 1 if near else 0
         self._track_bound(lam, off_target=self.rel_error(s_ema) > self.cfg.s_tolerance)
         if not self.cfg.enabled or step < self.cfg.min_steps or len(self._lams) <= self.cfg.window:
             return False
-        stable = abs(self._lams[-1] - self._lams[0]) < self.cfg.lambda_eps
+        change = abs(self._lams[-1] - self._lams[0])
+        stable = change < self.cfg.lambda_eps * (self._lams[0] if self.cfg.lambda_change == "relative" else 1.0)
         plateau = self.cfg.patience == 0 or (
             self.best_val is not None and self.evals_since_best >= self.cfg.patience
         )
-        return stable and near and plateau
+        return stable and self._in_band >= self.cfg.window and plateau

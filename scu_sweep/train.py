@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class Diverged(RuntimeError):
-    """The training loss became non-finite."""
+    """The training loss became non-finite, or exploded past ``train.diverge_factor`` × its start."""
 
 
 def ce_loss(model, x, y):
@@ -36,7 +36,7 @@ def ce_loss(model, x, y):
 
 
 def make_train_step(model, optimizer, coef: float, group=None):
-    """Compiled step(x, y, lam) -> (ce, Σw²); the loss is CE + lam·coef·Σw².
+    """Compiled step(x, y, lam) -> (ce, Σw² after the update); the loss is CE + lam·coef·Σw².
 
     ``lam`` is an mx.array argument, so a new λ reaches the gradient without a
     retrace; model, optimizer and RNG state are declared compile inputs/outputs.
@@ -59,7 +59,7 @@ def make_train_step(model, optimizer, coef: float, group=None):
             grads = nn.average_gradients(grads, group=group)
             ce = mx.distributed.all_sum(ce, group=group) / group.size()
         optimizer.update(model, grads)
-        return ce, ssq
+        return ce, sum_sq(model.trainable_parameters())  # the weights this step leaves (and a save keeps)
 
     return step
 
@@ -114,6 +114,15 @@ class RunResult:
     started_at: float = 0.0  # unix time of the first step
     tokens_seen: int = 0
     controller: Optional[ControllerState] = None
+
+
+def _check_finite_growth(step: int, ce: float, ssq: float, ce_start: float, factor: float) -> None:
+    """Raise Diverged on a non-finite loss or a CE above ``factor`` × the run's first CE."""
+    if not (math.isfinite(ce) and math.isfinite(ssq)):
+        raise Diverged(f"non-finite loss at step {step} (CE={ce}, Σw²={ssq})")
+    if ce > factor * ce_start:
+        raise Diverged(f"loss exploded at step {step} (CE={ce:.4g} nats > train.diverge_factor={factor:g} × "
+                       f"the first step's {ce_start:.4g})")
 
 
 def _row(step, ce, ssq, st: ControllerState, s, coef, lr, tokens, wall) -> dict:
@@ -179,6 +188,7 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
     wall0 = resumed.get("wall_s", 0.0)  # training time before the restart
     t0, started_at = time.perf_counter(), resumed.get("started_at", time.time())
     row: dict = resumed.get("row", {})
+    ce_start = resumed.get("ce_start")
     first = resumed.get("step", 0) + 1
     for step in range(first, tc.steps + 1):
         rows = batch_indices(step - 1, len(corpus.train), tc.batch_size, tc.seed)
@@ -187,17 +197,18 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
         ce_a, ssq_a = step_fn(b[:, :-1], b[:, 1:], mx.array(state.lam, dtype=mx.float32))
         mx.eval(ce_a, ssq_a)
         ce, ssq = ce_a.item(), ssq_a.item()
-        if not (math.isfinite(ce) and math.isfinite(ssq)):
-            raise Diverged(f"non-finite loss at step {step} (CE={ce}, Σw²={ssq})")
-        s = mdl.s_ratio(mdl.data_bpt(ce), ssq * coef / mdl.LN2)
-        state = control_step(state, s, target, ccfg)
+        ce_start = ce_start if ce_start is not None else ce
+        _check_finite_growth(step, ce, ssq, ce_start, tc.diverge_factor)
+        dbits, pbits = mdl.data_bpt(ce), ssq * coef / mdl.LN2
+        state = control_step(state, dbits, pbits, target, ccfg)
+        s = mdl.s_ratio(dbits, pbits)
         wall = wall0 + time.perf_counter() - t0
         row = _row(step, ce, ssq, state, s, coef, float(optimizer.learning_rate), step * tokens_per_step, wall)
         evaluate_now = step % tc.eval_every == 0 or step == tc.steps
         if evaluate_now:
             best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
             detector.observe_val(row["val_data_bpt"])
-        done = detector.update(step, state.lam, state.s_ema)
+        done = state.steps % ccfg.control_every == 0 and detector.update(step, state.lam, state.s_ema)
         if done and not evaluate_now:  # the kept adapter gets its own validation
             best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
             evaluate_now = True
@@ -224,7 +235,8 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
 
             checkpoint.save(run_dir, step, model, optimizer, {
                 "config_hash": config_hash, "controller": state.to_dict(), "detector": detector.state_dict(), "best": best,
-                "unreachable": unreachable, "row": row, "wall_s": wall, "started_at": started_at})
+                "unreachable": unreachable, "row": row, "wall_s": wall, "started_at": started_at,
+                "ce_start": ce_start})
     if "val_data_bpt" not in row:  # pruned between evaluations
         best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
     return RunResult(

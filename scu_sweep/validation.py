@@ -20,6 +20,10 @@ _CHOICES = {
     "logger.name": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
     "train.resume": ("auto", "never"),
+    "controller.law": ("positional", "incremental"),
+    "controller.error": ("relative", "absolute"),
+    "controller.smooth": ("data_bpt", "s"),
+    "saturation.lambda_change": ("relative", "absolute"),
 }
 
 _TINY_MIN_VOCAB = 260  # 256 byte tokens + the 4 specials of the offline byte tokenizer (models.py)
@@ -199,6 +203,8 @@ def _rules() -> list:
         *((f"controller.{k}", *nonneg) for k in ("kp", "ki", "deadband")),
         ("controller.ema_alpha", *unit_half),
         ("controller.leak", *unit_half),
+        ("controller.control_every", ge(1), "an int >= 1"),
+        ("controller.e_max", *pos),
         ("controller.i_min", lambda v: _fin(v) and v <= 0, "a float <= 0"),
         ("controller.i_max", lambda v: _fin(v) and v >= 0, "a float >= 0"),
         ("controller.lambda_min", *pos),
@@ -212,10 +218,12 @@ def _rules() -> list:
         ("saturation.lambda_eps", *pos),
         ("saturation.s_tolerance", *pos),
         ("saturation.patience", ge(0), "an int >= 0"),
+        ("saturation.min_delta", *nonneg),
         ("saturation.min_steps", ge(0), "an int >= 0"),
         *((f"train.{k}", ge(1), "an int >= 1")
           for k in ("steps", "batch_size", "seq_len", "eval_every", "val_batches", "log_every")),
         ("train.lr", *pos),
+        ("train.diverge_factor", lambda v: _fin(v) and v > 1, "a float > 1"),
         ("train.seed", lambda v: 0 <= v < _SEED_END, "an int in [0, 2**64)"),
         ("train.warmup_steps", lambda v: 0 <= v < _INT32_END, "an int >= 0 (and < 2**31)"),
         ("train.checkpoint_every", ge(0), "an int >= 0 (0: no checkpoints)"),

@@ -1,107 +1,158 @@
-"""PI controller: hand-stepped traces of DESIGN §2's update rule."""
+"""PI controllers: hand-stepped traces of both laws, the control period, and closed loops on
+a simulated lagged-integrator plant (pure: no MLX)."""
 
 import math
+import random
 
 import pytest
 
 from scu_sweep.controller import ControllerConfig, ControllerState, initial_state, step
 
-CFG = ControllerConfig(kp=0.8, ki=0.15, deadband=0.002, ema_alpha=1.0, leak=0.995)
 T = 0.03
+# The seed's law (DESIGN §2), EMA off so each step sees the raw S.
+SEED = ControllerConfig(law="incremental", error="absolute", smooth="s", control_every=1, kp=0.8, ki=0.15,
+                        deadband=0.002, ema_alpha=1.0, leak=0.995, i_min=-0.2, i_max=0.2, lambda_max=10.0)
+POS = ControllerConfig(ema_alpha=1.0)  # the default positional law, unsmoothed
 
 
-def test_above_target_raises_lambda_by_the_pi_formula():
-    s = step(ControllerState(lam=1.0), 0.05, T, CFG)
+def at(state, s, target, cfg):
+    """One step whose measurement has S = s exactly (DataBPT 1 − s, ParamBPT s)."""
+    return step(state, 1.0 - s, s, target, cfg)
+
+
+# --- the seed's incremental law ---------------------------------------------------------
+
+def test_seed_above_target_raises_lambda_by_the_pi_formula():
+    s = at(ControllerState(lam=1.0), 0.05, T, SEED)
     e = 0.02
     assert s.integral == pytest.approx(0.15 * e)
     assert s.lam == pytest.approx(math.exp(0.8 * e + 0.15 * e))
-    assert s.lam > 1.0
 
 
-def test_below_target_lowers_lambda():
-    s = step(ControllerState(lam=1.0), 0.01, T, CFG)
+def test_seed_below_target_lowers_lambda():
+    s = at(ControllerState(lam=1.0), 0.01, T, SEED)
     assert s.lam == pytest.approx(math.exp(0.8 * -0.02 + 0.15 * -0.02))
-    assert s.lam < 1.0
 
 
-def test_deadband_holds_lambda_and_only_leaks_integral():
-    s = step(ControllerState(lam=0.7, integral=0.1), T + 0.0015, T, CFG)
-    assert s.lam == 0.7
-    assert s.integral == pytest.approx(0.1 * 0.995)
+def test_seed_deadband_holds_lambda_and_only_leaks_integral():
+    s = at(ControllerState(lam=0.7, integral=0.1), T + 0.0015, T, SEED)
+    assert s.lam == 0.7 and s.integral == pytest.approx(0.1 * 0.995)
 
 
-def test_ema_smooths_s():
-    cfg = ControllerConfig(ema_alpha=0.1, deadband=1.0)  # deadband: λ frozen, EMA visible
-    s = step(ControllerState(lam=1.0), 0.10, T, cfg)
-    assert s.s_ema == 0.10  # first measurement initialises the EMA
-    s = step(s, 0.00, T, cfg)
+def test_seed_ema_smooths_s():
+    cfg = ControllerConfig(law="incremental", smooth="s", ema_alpha=0.1, deadband=1.0)
+    s = at(ControllerState(lam=1.0), 0.10, T, cfg)
+    assert s.s_ema == pytest.approx(0.10)  # the first measurement initialises the EMA
+    s = at(s, 0.00, T, cfg)
     assert s.s_ema == pytest.approx(0.09)
 
 
-def test_bounds_hold():
-    cfg = ControllerConfig(kp=50.0, ki=0.0, ema_alpha=1.0, lambda_min=0.1, lambda_max=2.0)
-    assert step(ControllerState(lam=1.9), 0.9, T, cfg).lam == 2.0
-    assert step(ControllerState(lam=0.2), 0.0, T, cfg).lam == 0.1
-
-
-def test_no_integration_while_at_a_bound_and_pushing_out():
-    cfg = ControllerConfig(kp=0.8, ki=0.15, ema_alpha=1.0, lambda_max=2.0)
-    s = step(ControllerState(lam=2.0, integral=0.05), 0.5, T, cfg)
-    assert s.integral == pytest.approx(0.05 * 0.995)  # leaked, not integrated
-    assert s.lam == 2.0
-    # Coming back inwards integrates again.
-    s2 = step(ControllerState(lam=2.0, integral=0.05), 0.0, T, cfg)
+def test_seed_no_integration_while_at_a_bound_and_pushing_out():
+    s = at(ControllerState(lam=10.0, integral=0.05), 0.5, T, SEED)
+    assert s.integral == pytest.approx(0.05 * 0.995) and s.lam == 10.0
+    s2 = at(ControllerState(lam=10.0, integral=0.05), 0.0, T, SEED)  # inwards integrates again
     assert s2.integral == pytest.approx(0.05 * 0.995 + 0.15 * -0.03)
 
 
-def test_integral_is_clamped():
-    cfg = ControllerConfig(ki=10.0, ema_alpha=1.0, i_max=0.2, lambda_max=1e9)
-    s = step(ControllerState(lam=1.0), 0.5, T, cfg)
-    assert s.integral == 0.2
+def test_huge_gains_saturate_at_the_bounds_instead_of_overflowing():
+    for law in ("incremental", "positional"):
+        cfg = ControllerConfig(law=law, kp=1e300, ki=0.0, deadband=0.0, ema_alpha=1.0)
+        assert at(ControllerState(lam=1.0), 0.5, 0.03, cfg).lam == cfg.lambda_max
+        assert at(ControllerState(lam=1.0), 1e-9, 0.03, cfg).lam == cfg.lambda_min
 
 
-def test_leak_decays_integral_each_step():
-    s = ControllerState(lam=1.0, integral=0.1)
-    for _ in range(10):
-        s = step(s, T, T, CFG)  # inside deadband
-    assert s.integral == pytest.approx(0.1 * 0.995**10)
+# --- the positional law -----------------------------------------------------------------
+
+def test_positional_sets_log_lambda_from_the_error_past_the_dead_zone():
+    cfg = ControllerConfig(kp=8.0, ki=0.4, deadband=0.03, ema_alpha=1.0, lambda_init=2.0)
+    s = at(initial_state(cfg), 0.033, T, cfg)  # e = +10 %, past the 3 % dead zone: 7 %
+    assert s.integral == pytest.approx(0.4 * 0.07)
+    assert math.log(s.lam) == pytest.approx(math.log(2.0) + 8.0 * 0.07 + 0.4 * 0.07)
+    s = at(s, 0.0303, T, cfg)  # inside the dead zone: the integral holds λ's level
+    assert s.integral == pytest.approx(0.4 * 0.07)
+    assert math.log(s.lam) == pytest.approx(math.log(2.0) + 0.4 * 0.07)
 
 
-def test_zero_gains_keep_lambda():
-    cfg = ControllerConfig(kp=0.0, ki=0.0, ema_alpha=1.0)
-    s = initial_state(cfg)
-    for v in (0.5, 0.0, 0.2):
-        s = step(s, v, T, cfg)
-    assert s.lam == cfg.lambda_init
+def test_relative_deadband_steers_a_tiny_target():
+    """Target 0.0001 with S = 0.00045: an absolute 0.002 deadband never moves λ; a relative one does."""
+    held = at(ControllerState(lam=1.0), 0.00045, 0.0001, SEED)
+    assert held.lam == 1.0
+    moved = at(initial_state(POS), 0.00045, 0.0001, POS)
+    assert moved.lam == POS.lambda_max  # e = +350 %: the strongest prior
+    moved = at(initial_state(POS), 0.00009, 0.0001, POS)  # 10 % below
+    assert moved.lam < 1.0
+
+
+def test_integral_takes_the_error_clipped_to_e_max():
+    cfg = ControllerConfig(kp=0.0, ki=1.0, deadband=0.0, e_max=0.25, ema_alpha=1.0)
+    s = at(initial_state(cfg), 0.09, T, cfg)  # e = +200 %
+    assert s.integral == pytest.approx(0.25)
+
+
+def test_smoothing_data_bpt_leaves_param_bpt_exact():
+    cfg = ControllerConfig(smooth="data_bpt", ema_alpha=0.5, fixed=True)
+    s = step(initial_state(cfg), 4.0, 0.1, T, cfg)
+    s = step(s, 2.0, 0.2, T, cfg)  # D̄ = 3.0, ParamBPT this step's 0.2
+    assert s.d_ema == pytest.approx(3.0)
+    assert s.s_ema == pytest.approx(0.2 / 3.2)
+
+
+def test_control_period_moves_lambda_only_every_n_steps():
+    cfg = ControllerConfig(law="incremental", error="absolute", smooth="s", control_every=5, ema_alpha=0.5,
+                           deadband=0.0)
+    s, lams = initial_state(cfg), []
+    for _ in range(12):
+        s = at(s, 0.05, T, cfg)
+        lams.append(s.lam)
+    changes = [i + 1 for i in range(12) if lams[i] != (lams[i - 1] if i else cfg.lambda_init)]
+    assert changes == [5, 10]
+    assert s.s_ema == pytest.approx(0.05) and s.steps == 12  # the EMA runs every step
 
 
 def test_fixed_keeps_lambda_but_tracks_s():
-    cfg = ControllerConfig(fixed=True, lambda_init=3.0, ema_alpha=1.0)
-    s = step(initial_state(cfg), 0.5, T, cfg)
-    assert s.lam == 3.0 and s.s_ema == 0.5
+    cfg = ControllerConfig(fixed=True, lambda_init=3.0, ema_alpha=1.0, smooth="s")
+    s = at(initial_state(cfg), 0.5, T, cfg)
+    assert s.lam == 3.0 and s.s_ema == pytest.approx(0.5)
 
 
 def test_state_round_trips_through_a_dict():
-    s = ControllerState(lam=0.5, integral=-0.1, s_ema=0.02)
+    s = ControllerState(lam=0.5, integral=-0.1, s_ema=0.02, d_ema=3.1, steps=7)
     assert ControllerState.from_dict(s.to_dict()) == s
 
 
-def test_closed_loop_converges_on_a_plant():
-    """S = a / (a + 1/λ-ish) plant: the controller drives Ŝ to the target."""
-    cfg = ControllerConfig(ema_alpha=0.5, lambda_min=1e-4, lambda_max=10.0)
-    s = initial_state(cfg)
-    for _ in range(400):
-        plant_s = 0.08 / (1.0 + 2.0 * s.lam)  # more λ -> smaller weights -> smaller S
-        s = step(s, plant_s, T, cfg)
-    assert abs(s.s_ema - T) <= cfg.deadband + 1e-3
-    # 0.08 / (1 + 2λ) inside T ± deadband  <=>  λ in [0.75, 0.929]
-    lo, hi = (0.08 / (T + cfg.deadband) - 1) / 2, (0.08 / (T - cfg.deadband) - 1) / 2
-    assert lo - 0.02 < s.lam < hi + 0.02
+# --- closed loops on a simulated plant --------------------------------------------------
+
+def simulate(cfg, target, k=0.018, tau=3.0, steps=300, seed=0):
+    """Lagged integrator, the shape measured on SmolLM2 (README calibration): Adam moves the
+    weights at a bounded rate, so d ln S/dt = −k·(v − u_eq(t)), v a first-order lag (τ steps)
+    of u = ln λ, and u_eq (the λ that holds S still) drifts up as LoRA-B grows. DataBPT is
+    measured with ±12 % per-batch noise, as python_docs batches are. Returns the true S per step."""
+    rng, st = random.Random(seed), initial_state(cfg)
+    x, v, u_eq, trace = math.log(0.0309), math.log(cfg.lambda_init), math.log(0.04), []
+    for t in range(steps):
+        s_true = math.exp(x)
+        d = 4.0 * (1 + 0.12 * rng.gauss(0, 1))
+        st = step(st, d, s_true * 4.0 / (1 - s_true), target, cfg)
+        v += (math.log(st.lam) - v) / tau
+        x -= k * (v - (u_eq + 0.01 * t))
+        trace.append(s_true)
+    return trace
 
 
-def test_huge_gains_saturate_at_the_bounds_instead_of_overflowing():
-    cfg = ControllerConfig(kp=1e300, ki=0.0, deadband=0.0)
-    st = step(ControllerState(lam=1.0, s_ema=0.5), 0.5, 0.03, cfg)
-    assert st.lam == cfg.lambda_max
-    st = step(ControllerState(lam=1.0, s_ema=0.0), 0.0, 0.03, cfg)
-    assert st.lam == cfg.lambda_min
+@pytest.mark.parametrize("target", [0.02, 0.05])
+@pytest.mark.parametrize("k,tau", [(0.006, 1.0), (0.018, 3.0), (0.054, 5.0)])
+def test_default_law_settles_on_a_lagged_integrator(target, k, tau):
+    """Gains ×1/3 and ×3 around the measured plant, lag 1–5 steps: S in ±10 % over the last third."""
+    trace = simulate(ControllerConfig(), target, k=k, tau=tau)
+    last = trace[2 * len(trace) // 3:]
+    assert max(abs(s / target - 1) for s in last) < 0.10
+
+
+def test_seed_law_updated_every_step_does_not_settle_on_the_same_plant():
+    """The contrast that motivates the default: the double integrator overshoots and swings."""
+    seed_every_step = ControllerConfig(law="incremental", error="absolute", smooth="s", control_every=1,
+                                       kp=0.8, ki=0.15, deadband=0.002, ema_alpha=0.1, leak=0.995,
+                                       i_min=-0.2, i_max=0.2, lambda_max=10.0)
+    trace = simulate(seed_every_step, 0.05, k=0.018, tau=3.0)
+    last = trace[2 * len(trace) // 3:]
+    assert max(abs(s / 0.05 - 1) for s in last) > 0.10

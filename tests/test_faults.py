@@ -15,7 +15,7 @@ from scu_sweep.run import DiskError, RunFailed, fault
 
 from conftest import cli, compose_cfg
 
-TINY = ["model=tiny", "prior=tiny", "logger=none"]
+TINY = ["model=tiny", "logger=none"]
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from conftest import CONF, cli, compose_cfg
 
 FUZZ_EXAMPLES = 200  # configurations composed and judged per run of the in-process property
 CLI_EXAMPLES = 6  # bad drawn configurations run through `python -m scu_sweep` (slow)
-CLI_BASE = ["model=tiny", "prior=tiny", "logger=none", "train.steps=2"]
+CLI_BASE = ["model=tiny", "logger=none", "train.steps=2"]
 
 
 # --------------------------------------------------------------------------- the schema
@@ -383,7 +383,7 @@ def test_fuzzed_overrides_fail_cleanly_or_are_valid():
 
 @pytest.mark.parametrize("overrides,outcome", [
     ([], "valid"),
-    (["model=tiny", "prior=tiny", "logger=none"], "valid"),
+    (["model=tiny", "logger=none"], "valid"),
     (["data=fineweb_edu"], "valid"),
     (["experiment=optuna_tiny_kp_ki"], "valid"),
     (["train.steps=true"], "composition"),

@@ -28,7 +28,7 @@ from hydra.test_utils.launcher_common_tests import BatchedSweeperTestSuite, Laun
 
 from conftest import ROOT, compose_cfg
 
-TINY = ["model=tiny", "prior=tiny", "logger=none", "train.seq_len=512",
+TINY = ["model=tiny", "logger=none", "train.seq_len=512",
         "model.tiny.max_position_embeddings=1024"]
 TARGET = "hydra_plugins.scu_launcher.scu_launcher.ScuWorkersLauncher"
 AS_LIMIT = 3_000_000 * 1024  # bytes; `ulimit -v 3000000`: small tiny-model jobs fit, batch 4096 does not

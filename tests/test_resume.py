@@ -18,7 +18,7 @@ from scu_sweep.records import read_jsonl
 
 from conftest import ROOT, compose_cfg
 
-TINY = ["model=tiny", "prior=tiny", "logger=none", "saturation.enabled=false", "lora.dropout=0.1"]
+TINY = ["model=tiny", "logger=none", "saturation.enabled=false", "lora.dropout=0.1"]
 COMPARED = ("loss", "data_bpt", "param_bpt", "s_ratio", "s_ema", "lambda", "integral", "lr", "val_loss")
 
 

@@ -414,7 +414,7 @@ def secret_run(tmp_path_factory):
     env = dict(SECRETS, WANDB_MODE="offline", WANDB_CONFIG_DIR=str(tmp / "wandb_home"),
                WANDB_CACHE_DIR=str(tmp / "wandb_home"), WANDB_DATA_DIR=str(tmp / "wandb_home"),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = cli(["model=tiny", "prior=tiny", "logger=wandb", "logger.mode=offline", "train.steps=4",
+    proc = cli(["model=tiny", "logger=wandb", "logger.mode=offline", "train.steps=4",
                 "train.eval_every=2", "train.val_batches=1", "train.checkpoint_every=2",
                 f"data.hf_name={STORAGE_URL}",  # unused by data=python_docs: only carried along
                 "logger.tags=[safe,${oc.env:HF_TOKEN}]", "logger.group=g-${oc.env:MY_DB_PASSWORD}",

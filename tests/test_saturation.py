@@ -6,7 +6,8 @@ T = 0.03
 
 
 def det(**kw):
-    cfg = SaturationConfig(**{**dict(window=5, lambda_eps=0.01, s_tolerance=0.1, patience=2, min_steps=0), **kw})
+    cfg = SaturationConfig(**{**dict(window=5, lambda_eps=0.01, lambda_change="absolute", s_tolerance=0.1,
+                                     patience=2, min_steps=0), **kw})
     return SaturationDetector(cfg, T, 1e-4, 10.0)
 
 
@@ -33,6 +34,34 @@ def test_no_stop_while_s_off_target():
 def test_no_stop_while_lambda_moves():
     d = det(patience=0)
     assert not any(d.update(t, 1.0 + 0.02 * t, T) for t in range(1, 50))
+
+
+def test_s_must_stay_in_band_for_the_whole_window_not_a_first_entry():
+    d = det(patience=0)
+    s_trace = [0.04, 0.04, 0.04, 0.0305, 0.031, 0.04, 0.0301, 0.0302, 0.0301, 0.0300, 0.0300, 0.03]
+    hits = [d.update(t, 1.0, s) for t, s in enumerate(s_trace, start=1)]
+    # in band from step 7 on; the window of 5 is whole at step 11 (the entry at 4–5 does not count)
+    assert hits.index(True) == 10
+
+
+def test_relative_lambda_change_scales_with_lambda():
+    rel = det(patience=0, lambda_change="relative", lambda_eps=0.1)
+    # λ ~ 100 moving by 5 over the window is stable relatively (5 %), not absolutely
+    assert any(rel.update(t, 100.0 + t, T) for t in range(1, 20))
+    absolute = det(patience=0, lambda_eps=0.1)
+    assert not any(absolute.update(t, 100.0 + t, T) for t in range(1, 20))
+    # λ ~ 0.001 doubling is a move relatively, but below an absolute eps of 0.1
+    rel = det(patience=0, lambda_change="relative", lambda_eps=0.1)
+    assert not any(rel.update(t, 0.001 * 2 ** (t / 5), T) for t in range(1, 20))
+
+
+def test_min_delta_counts_a_creep_as_a_plateau():
+    vals = [4.30, 4.28, 4.275, 4.272, 4.271]
+    strict, loose = det(), det(min_delta=0.01)
+    for v in vals:
+        strict.observe_val(v), loose.observe_val(v)
+    assert strict.evals_since_best == 0  # every evaluation improved a little
+    assert loose.best_val == 4.28 and loose.evals_since_best == 3
 
 
 def test_patience_zero_ignores_validation_and_window_is_needed():

@@ -168,6 +168,24 @@ def test_storage_paths_are_made_absolute(tmp_path, monkeypatch):
     assert resolve_storage(url, Path("sw")) == url
     with pytest.raises(ValueError, match="in-memory"):
         resolve_storage("sqlite:///:memory:", Path("sw"))
+    with pytest.raises(ValueError, match="journal:/some/path.log"):
+        resolve_storage("/some/path.log", Path("sw"))  # a file path is not a URL: say the journal form
+
+
+@pytest.mark.parametrize("override,named,hint", [
+    ("hydra.sweeper.pruner=none", "hydra.sweeper.pruner='none'", "hydra/sweeper/pruner=NAME"),
+    ("hydra.sweeper.storage=/some/path.log", "hydra.sweeper.storage='/some/path.log'", "journal:/some/path.log"),
+])
+def test_bad_sweeper_values_get_one_line_and_exit_2(tmp_path, override, named, hint):
+    from conftest import cli
+
+    sweep_dir = tmp_path / "sw"
+    proc = cli(["-m", "model=tiny", "logger=none", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1",
+                f"hydra.sweep.dir={sweep_dir}", override], timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"scu_sweep: error: {named}: allowed") and hint in lines[-1]
+    assert "Traceback" not in proc.stderr and not list(sweep_dir.rglob("summary.json"))
 
 
 # ---------------------------------------------------------------- verdicts

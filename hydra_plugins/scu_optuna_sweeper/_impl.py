@@ -26,6 +26,8 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from scu_sweep import pruning
 from scu_sweep.resume import process_token, token_alive
@@ -59,6 +61,18 @@ def _runs_in_process(launcher: Any) -> bool:
         joblib_cfg is not None and joblib_cfg.get("n_jobs") == 1)
 
 
+class SweeperConfigError(ValueError):
+    """A bad ``hydra.sweeper.*`` value; one line naming the key and what is allowed."""
+
+
+def check_group(key: str, value: Any, choices: str) -> None:
+    """``hydra.sweeper.<key>`` must be a config chosen from its group, not a plain value."""
+    if not isinstance(value, (DictConfig, dict)):
+        raise SweeperConfigError(
+            f"hydra.sweeper.{key}={value!r}: allowed a config group choice, set as hydra/sweeper/{key}=NAME "
+            f"(NAME one of {choices}; note the slashes)")
+
+
 def resolve_storage(storage: Optional[str], sweep_dir: Path) -> str:
     """The storage URL every job can open: default SQLite file, relative paths made absolute."""
     if not storage:
@@ -70,9 +84,15 @@ def resolve_storage(storage: Optional[str], sweep_dir: Path) -> str:
     if storage.startswith("sqlite:///"):
         path = storage[len("sqlite:///"):]
         if not path or path.startswith(":memory:") or "mode=memory" in path:
-            raise ValueError("hydra.sweeper.storage: an in-memory SQLite database cannot be "
-                             "shared with the jobs; allowed a file, e.g. sqlite:///study.db")
+            raise SweeperConfigError("hydra.sweeper.storage: an in-memory SQLite database cannot be "
+                                     "shared with the jobs; allowed a file, e.g. sqlite:///study.db")
         return f"sqlite:///{Path(path).resolve()}"
+    try:
+        make_url(storage)
+    except ArgumentError:
+        raise SweeperConfigError(
+            f"hydra.sweeper.storage={storage!r}: allowed a database URL (sqlite:///study.db, "
+            f"postgresql://host/db) or an Optuna journal file as {pruning.JOURNAL_PREFIX}{storage}") from None
     return storage
 
 
@@ -89,7 +109,9 @@ class OptunaSweeperImpl(Sweeper):
         bad = [f"hydra.sweeper.{k}={cfg[k]!r}: allowed {allowed}"
                for k, (ok, allowed) in rules.items() if not ok]
         if bad:
-            raise ValueError("; ".join(bad))
+            raise SweeperConfigError("; ".join(bad))
+        check_group("sampler", sampler, "tpe, random, cmaes, grid")
+        check_group("pruner", pruner, "median, successive_halving, hyperband, none")
         self._lock = threading.Lock()  # guards the study's ask/tell and the counters
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
@@ -165,6 +187,7 @@ class OptunaSweeperImpl(Sweeper):
 
     def sweep(self, arguments: List[str]) -> List[Sequence[JobReturn]]:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        resolve_storage(self.cfg["storage"], sweep_dir)  # a bad storage fails before anything is written
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         self._parse(arguments)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import contextlib
+import sys
+from typing import Any, Dict, Iterator, List, Optional
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -18,11 +20,25 @@ class OptunaSweeper(Sweeper):
                  **kwargs: Any) -> None:
         from ._impl import OptunaSweeperImpl
 
-        self._impl = OptunaSweeperImpl(sampler=sampler, pruner=pruner, params=params, **kwargs)
+        with _one_line_errors():
+            self._impl = OptunaSweeperImpl(sampler=sampler, pruner=pruner, params=params, **kwargs)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
         self._impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
-        return self._impl.sweep(arguments)
+        with _one_line_errors():
+            return self._impl.sweep(arguments)
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """A bad ``hydra.sweeper.*`` value: one line on stderr and exit 2, as for the run's own keys."""
+    from ._impl import SweeperConfigError
+
+    try:
+        yield
+    except SweeperConfigError as e:
+        print(f"scu_sweep: error: {e}", file=sys.stderr)
+        sys.exit(2)
