@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import II, MISSING
 
 from .controller import ControllerConfig
 from .saturation import SaturationConfig
@@ -61,24 +61,24 @@ class DataConfig:
 
 @dataclass
 class PriorConfig:
-    sigma: float = 0.24  # σ of the N(0, σ²) prior on each LoRA weight (prior=default: ${model.prior_sigma})
+    sigma: float = II("model.prior_sigma")  # σ of the N(0, σ²) prior on each LoRA weight; default: the model's
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
+    steps: int = 200
     lr: float = 3e-4
     batch_size: int = 4
     seq_len: int = 128
     seed: int = 0
-    eval_every: int = 20
+    eval_every: int = 10
     val_batches: int = 4
     log_every: int = 1
     warmup_steps: int = 0
     ranks: int = 1  # data-parallel processes for one run (mx.distributed); batch_size % ranks == 0
     checkpoint_every: int = 10  # steps between resumable checkpoints; 0 = none
     resume: str = "auto"  # auto: continue an interrupted run of the same command | never
-    diverge_factor: float = 3.0  # a training CE above this × the first step's CE is a divergence
+    diverge_factor: float = 3.0  # DataBPT + ParamBPT above this × the start's is a divergence
 
 
 ALL_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

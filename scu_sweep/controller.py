@@ -31,9 +31,9 @@ class ControllerConfig:
     error: str = "relative"  # relative: e = (Ŝ − S*)/S* | absolute: e = Ŝ − S* (the seed's)
     smooth: str = "data_bpt"  # what the EMA smooths: data_bpt (Ŝ = P/(D̄+P)) | s (Ŝ = EMA of S, the seed's)
     control_every: int = 1  # training steps per λ update
-    kp: float = 8.0
-    ki: float = 0.4
-    deadband: float = 0.03
+    kp: float = 16.0
+    ki: float = 1.2
+    deadband: float = 0.02
     ema_alpha: float = 0.1
     leak: float = 1.0
     e_max: float = 0.25  # positional: the integral takes e clipped to ±e_max (no wind-up in a large transient)

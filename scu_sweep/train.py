@@ -116,13 +116,14 @@ class RunResult:
     controller: Optional[ControllerState] = None
 
 
-def _check_finite_growth(step: int, ce: float, ssq: float, ce_start: float, factor: float) -> None:
-    """Raise Diverged on a non-finite loss or a CE above ``factor`` × the run's first CE."""
+def _check_growth(step: int, ce: float, ssq: float, bits: float, bits_start: float, factor: float) -> None:
+    """Raise Diverged on a non-finite loss, or when DataBPT + ParamBPT (the code length per
+    token) exceeds ``factor`` × its start: a blow-up even where it stays finite."""
     if not (math.isfinite(ce) and math.isfinite(ssq)):
         raise Diverged(f"non-finite loss at step {step} (CE={ce}, Σw²={ssq})")
-    if ce > factor * ce_start:
-        raise Diverged(f"loss exploded at step {step} (CE={ce:.4g} nats > train.diverge_factor={factor:g} × "
-                       f"the first step's {ce_start:.4g})")
+    if bits > factor * bits_start:
+        raise Diverged(f"loss exploded at step {step}: DataBPT + ParamBPT = {bits:.4g} bits > "
+                       f"train.diverge_factor={factor:g} × the start's {bits_start:.4g}")
 
 
 def _row(step, ce, ssq, st: ControllerState, s, coef, lr, tokens, wall) -> dict:
@@ -188,7 +189,8 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
     wall0 = resumed.get("wall_s", 0.0)  # training time before the restart
     t0, started_at = time.perf_counter(), resumed.get("started_at", time.time())
     row: dict = resumed.get("row", {})
-    ce_start = resumed.get("ce_start")
+    bits_start = resumed.get("bits_start")  # DataBPT of step 1 + ParamBPT of the initial adapter
+    p_init = sum_sq(model.trainable_parameters()).item() * coef / mdl.LN2 if bits_start is None else None
     first = resumed.get("step", 0) + 1
     for step in range(first, tc.steps + 1):
         rows = batch_indices(step - 1, len(corpus.train), tc.batch_size, tc.seed)
@@ -197,9 +199,9 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
         ce_a, ssq_a = step_fn(b[:, :-1], b[:, 1:], mx.array(state.lam, dtype=mx.float32))
         mx.eval(ce_a, ssq_a)
         ce, ssq = ce_a.item(), ssq_a.item()
-        ce_start = ce_start if ce_start is not None else ce
-        _check_finite_growth(step, ce, ssq, ce_start, tc.diverge_factor)
         dbits, pbits = mdl.data_bpt(ce), ssq * coef / mdl.LN2
+        bits_start = bits_start if bits_start is not None else dbits + p_init
+        _check_growth(step, ce, ssq, dbits + pbits, bits_start, tc.diverge_factor)
         state = control_step(state, dbits, pbits, target, ccfg)
         s = mdl.s_ratio(dbits, pbits)
         wall = wall0 + time.perf_counter() - t0
@@ -236,7 +238,7 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
             checkpoint.save(run_dir, step, model, optimizer, {
                 "config_hash": config_hash, "controller": state.to_dict(), "detector": detector.state_dict(), "best": best,
                 "unreachable": unreachable, "row": row, "wall_s": wall, "started_at": started_at,
-                "ce_start": ce_start})
+                "bits_start": bits_start})
     if "val_data_bpt" not in row:  # pruned between evaluations
         best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
     return RunResult(

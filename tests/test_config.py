@@ -29,10 +29,20 @@ def test_every_option_composes_and_validates(group, option):
     assert 0 < cfg.target_s < 1
 
 
-def test_defaults_are_the_seed_controller():
-    c = compose_cfg([]).controller
-    assert (c.kp, c.ki, c.deadband, c.ema_alpha, c.leak, c.i_min, c.i_max, c.lambda_init, c.lambda_min, c.lambda_max) == (
-        0.8, 0.15, 0.002, 0.1, 0.995, -0.2, 0.2, 1.0, 1e-4, 10.0)
+def test_controller_seed_is_design_s_seed_law_and_the_seed_experiment_uses_it():
+    for c in (compose_cfg(["controller=seed"]).controller, compose_cfg(["experiment=seed_olmo3_7b"]).controller):
+        assert (c.law, c.error, c.smooth, c.control_every) == ("incremental", "absolute", "s", 50)
+        assert (c.kp, c.ki, c.deadband, c.ema_alpha, c.leak, c.i_min, c.i_max, c.lambda_init, c.lambda_min,
+                c.lambda_max) == (0.8, 0.15, 0.002, 0.1, 0.995, -0.2, 0.2, 1.0, 1e-4, 10.0)
+    default = compose_cfg([]).controller
+    assert (default.law, default.error) == ("positional", "relative")
+
+
+def test_prior_sigma_travels_with_the_model():
+    assert compose_cfg(["model=tiny"]).prior.sigma == 0.012
+    assert compose_cfg([]).prior.sigma == 0.24
+    assert compose_cfg(["experiment=seed_olmo3_7b"]).prior.sigma == 0.01
+    assert compose_cfg(["model=tiny", "prior.sigma=0.5"]).prior.sigma == 0.5
 
 
 def test_unknown_key_and_wrong_type_fail_at_composition():

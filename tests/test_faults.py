@@ -104,3 +104,13 @@ def test_a_diverged_job_fails_alone_and_the_sweep_goes_on(tmp_path):
     assert json.loads((sweep / "1" / "failure.json").read_text())["stop_reason"] == "diverged"
     assert not (sweep / "1" / "summary.json").exists()
     assert len((sweep / "sweep_summary.csv").read_text().strip().splitlines()) == 3
+
+
+def test_a_finite_blow_up_is_diverged_and_names_train_lr(tmp_path):
+    """lr 1e6 on the tiny model: the loss explodes but may stay finite; the run must not end max_steps."""
+    proc = cli([*TINY, "train.steps=30", "train.lr=1e6", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("scu_sweep: error: train.lr=1000000.0:") and "exploded" in last + proc.stderr
+    assert json.loads((tmp_path / "failure.json").read_text())["stop_reason"] == "diverged"
+    assert not (tmp_path / "summary.json").exists()

@@ -69,6 +69,7 @@ TAKEN = ({k.rsplit(".", 1)[-1] for k in LEAVES} | {n.rstrip(".").rsplit(".", 1)[
 RELATED = [
     {"controller.lambda_min", "controller.lambda_max", "controller.lambda_init"},
     {"train.ranks", "train.batch_size"},
+    {"prior.sigma", "model.prior_sigma"},  # prior=default's σ is ${model.prior_sigma}
     {"data.max_tokens", "train.seq_len", "data.source"},
     {"data.paths", "data.source"},
     {"data.hf_path", "data.source"},
@@ -133,6 +134,7 @@ ALONE = {
     "target_s": _float_in(0, 1),
     "model.name": _STR, "model.source": _is("tiny", "gguf", "mlx_lm"), "model.path": _OSTR, "model.gguf": _OSTR,
     "model.quantized": _is("auto", "true", "false"), "model.max_seq_len": _opt(_COUNT), "model.seed": _SEED,
+    "model.prior_sigma": _opt(_POS),
     "model.tiny.vocab_size": _int_at_least(256 + 4),  # bytes + the byte tokenizer's 4 specials
     **{f"model.tiny.{k}": _COUNT for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                            "num_attention_heads", "num_key_value_heads", "max_position_embeddings")},
@@ -140,6 +142,8 @@ ALONE = {
     "data.hf_path": _OSTR, "data.hf_name": _OSTR, "data.split": _STR, "data.text_field": _STR,
     "data.max_tokens": _opt(_COUNT), "data.val_fraction": _float_in(0, 1), "data.split_seed": _int_at_least(0),
     "prior.sigma": lambda v: _POS(v) and v * v > 0,  # σ² divides the penalty: it must not underflow to 0
+    "controller.law": _is("positional", "incremental"), "controller.error": _is("relative", "absolute"),
+    "controller.smooth": _is("data_bpt", "s"), "controller.control_every": _COUNT, "controller.e_max": _POS,
     "controller.kp": _NONNEG, "controller.ki": _NONNEG, "controller.deadband": _NONNEG,
     "controller.ema_alpha": _float_in(0, 1, hi_open=False), "controller.leak": _float_in(0, 1, hi_open=False),
     "controller.i_min": _float_in(-math.inf, 0, hi_open=False), "controller.i_max": _float_in(0, math.inf, lo_open=False),
@@ -147,9 +151,10 @@ ALONE = {
     "controller.fixed": _BOOL,
     "saturation.enabled": _BOOL, "saturation.window": _int_at_least(1, 2 ** 63 - 1),  # a deque's maxlen
     "saturation.lambda_eps": _POS, "saturation.s_tolerance": _POS,
+    "saturation.lambda_change": _is("relative", "absolute"), "saturation.min_delta": _NONNEG,
     "saturation.patience": _int_at_least(0), "saturation.min_steps": _int_at_least(0),
     **{f"train.{k}": _COUNT for k in ("steps", "batch_size", "seq_len", "eval_every", "val_batches", "log_every", "ranks")},
-    "train.lr": _POS, "train.seed": _SEED,
+    "train.lr": _POS, "train.seed": _SEED, "train.diverge_factor": lambda v: _finite(v) and v > 1,
     "train.warmup_steps": _int_at_least(0, 2 ** 31),  # MLX's schedules count steps in int32
     "train.checkpoint_every": _int_at_least(0), "train.resume": _is("auto", "never"),
     "lora.rank": _COUNT, "lora.alpha": _POS, "lora.dropout": _float_in(0, 1, lo_open=False), "lora.keys": _strs,

@@ -78,27 +78,16 @@ def test_metrics_obey_their_formulas(cli_run):
             assert r["val_data_bpt"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-6)
 
 
-def test_first_row_param_bpt_is_sum_sq_of_the_initial_adapter():
-    """Row 1's Σw² is taken before the first update: compare with the initial weights in float64."""
+def test_final_param_bpt_is_that_of_the_saved_adapter(cli_run):
+    """Row ParamBPT is taken after the step's update, so the kept adapter's tensors give it exactly."""
     import mlx.core as mx
     import numpy as np
 
-    from scu_sweep import models
-    from scu_sweep.data import load_corpus
-    from scu_sweep.lora import apply_lora, trainable_leaves
-    from scu_sweep.train import train
-
-    cfg = compose_cfg(FAST + ["train.steps=1"])
-    mx.random.seed(0)
-    model, tok, _ = models.load(cfg.model)
-    corpus = load_corpus(cfg.data, tok, cfg.train.seq_len)
-    apply_lora(model, cfg.lora)
-    ssq = sum(float((np.array(v, dtype=np.float64) ** 2).sum()) for v in trainable_leaves(model).values())
-    rows = []
-    train(model, corpus, cfg, rows.append)
-    expected = ssq / (2 * cfg.prior.sigma**2 * corpus.train_tokens * math.log(2))
-    assert rows[0]["param_bpt"] == pytest.approx(expected, rel=1e-5)
-    assert corpus.train_tokens == corpus.train.shape[0] * cfg.train.seq_len
+    s = json.loads((cli_run / "summary.json").read_text())
+    saved = mx.load(str(cli_run / "adapters" / "adapters.safetensors"))
+    ssq = sum(float((np.array(v, dtype=np.float64) ** 2).sum()) for v in saved.values())
+    expected = ssq / (2 * s["prior_sigma"] ** 2 * s["train_tokens"] * math.log(2))
+    assert s["final"]["param_bpt"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_same_seed_same_losses_other_seed_differs(tmp_path):
