@@ -128,3 +128,21 @@ def test_multirun_three_targets(tmp_path):
     with open(tmp_path / "sweep_summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and sorted(float(r["target_s"]) for r in rows) == targets
+
+
+@pytest.mark.slow
+def test_model_tiny_alone_reaches_its_target_and_saturates(tmp_path):
+    """No prior= override: the tiny model's own σ; the default rule stops at a validation plateau."""
+    from scu_sweep.run import run
+
+    cfg = compose_cfg(["model=tiny", "logger=none"])
+    run(cfg, tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert s["prior_sigma"] == 0.012 and s["stop_reason"] == "saturated"
+    assert s["adapter_step"] == s["saturation_step"] < cfg.train.steps
+    final = s["final"]
+    s_kept = final["param_bpt"] / (final["param_bpt"] + final["val_data_bpt"])
+    assert abs(s_kept / s["target_s"] - 1) < 0.10
+    vals = [r["val_data_bpt"] for r in rows if "val_data_bpt" in r]
+    assert vals.index(min(vals)) <= len(vals) - 3  # the last two evaluations did not beat the best
