@@ -10,8 +10,8 @@ have stopped) into ``outputs/control_response/<suite>``; then, per run, from ``m
 - rise: first step with Ŝ within ±10 % of the target;
 - overshoot: the largest excursion past the target after that, relative to it;
 - settled: the step from which Ŝ stays within ±10 % to the end;
-- raw S band / val S band: min..max of (S − S*)/S* over the last third, S raw per step, and
-  S from ParamBPT and that evaluation's validation DataBPT;
+- raw S / Ŝ / val S band: min..max of (S − S*)/S* over the last third, S raw per step, Ŝ
+  (what the controller holds), and S from ParamBPT and that evaluation's validation DataBPT;
 - stop: where the default saturation rule (replayed on the same rows) would have stopped, and
   the raw S and Ŝ bands from there to 1.5× that step (what a run continued past its stop does).
 """
@@ -34,6 +34,7 @@ SUITES = {
     "tiny": ["model=tiny", "target_s=0.02,0.03"],
     "lr": ["target_s=0.03", "train.lr=9e-5,9e-4"],  # the default lr 3e-4 × 0.3 and × 3, same gains
     "seed": ["controller=seed", "target_s=0.02,0.03,0.05"],
+    "tiny_seed": ["model=tiny", "controller=seed", "target_s=0.02,0.03"],
 }
 BAND = 0.10  # ±10 %: rise and settling
 
@@ -92,6 +93,7 @@ def analyse(run_dir: Path, cfg: SaturationConfig) -> dict:
         "overshoot": f"{100 * max(overshoot, 0):.1f} %" if overshoot is not None else "-",
         "settled": rows[settled]["step"] if settled is not None else None,
         "raw": _band(_rel(r["s_ratio"], target) for r in last),
+        "hat": _band(_rel(r["s_ema"], target) for r in last),
         "val": _band(_rel(_val_s(r), target) for r in last if "val_data_bpt" in r),
         "lambda_end": rows[-1]["lambda"],
         "stop": stop,
@@ -105,13 +107,13 @@ def analyse(run_dir: Path, cfg: SaturationConfig) -> dict:
 def table(sweep: Path, cfg: SaturationConfig) -> str:
     runs = [sweep] if (sweep / "metrics.jsonl").is_file() else sorted(
         (d for d in sweep.iterdir() if (d / "metrics.jsonl").is_file()), key=lambda d: d.name)
-    head = ("| model | law | lr | S* | rise | overshoot | settled | raw S, last third | val S, last third | "
+    head = ("| model | law | lr | S* | rise | overshoot | settled | raw S, last third | Ŝ, last third | val S, last third | "
             "λ end | stop (replayed) | val S at stop | raw S after stop | Ŝ after stop |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for d in runs:
         a = analyse(d, cfg)
         lines.append(f"| {a['model']} | {a['law']} | {a['lr']:g} | {100 * a['target']:g} % | {a['rise']} | "
-                     f"{a['overshoot']} | {a['settled']} | {a['raw']} | {a['val']} | {a['lambda_end']:.3g} | "
+                     f"{a['overshoot']} | {a['settled']} | {a['raw']} | {a['hat']} | {a['val']} | {a['lambda_end']:.3g} | "
                      f"{a['stop']} | {a['s_val_at_stop']} | {a['after_raw']} | {a['after_hat']} |")
     return "\n".join(lines)
 

@@ -32,7 +32,7 @@ class SaturationDetector:
     absolute), every Ŝ of the window was within tol of S* (relative), and the best validation
     DataBPT (an improvement counts only when larger than ``min_delta`` bits) is at least
     ``patience`` evaluations old.
-    Unreachable: λ sat at one bound for W steps while |Ŝ − S*|/S* > tol.
+    Unreachable: λ sat at one bound for W steps while |Ŝ − S*|/S* > tol and got no smaller.
     """
 
     def __init__(self, cfg: SaturationConfig, target: float, lambda_min: float, lambda_max: float):
@@ -41,7 +41,7 @@ class SaturationDetector:
         self._lams: deque = deque(maxlen=cfg.window + 1)
         self._in_band = 0  # consecutive control steps with Ŝ within tolerance
         self._at_bound: Optional[str] = None
-        self._bound_steps = 0
+        self._bound_errs: list = []  # relative errors since λ reached that bound (the last W)
         self.best_val: Optional[float] = None
         self.evals_since_best = 0
         self.unreachable: Optional[str] = None  # "lambda_min" / "lambda_max" once detected
@@ -49,7 +49,7 @@ class SaturationDetector:
     def state_dict(self) -> dict:
         """Everything ``update``/``observe_val`` remember, as JSON (for checkpoints)."""
         return {"lams": list(self._lams), "in_band": self._in_band, "at_bound": self._at_bound,
-                "bound_steps": self._bound_steps,
+                "bound_errs": list(self._bound_errs),
                 "best_val": self.best_val, "evals_since_best": self.evals_since_best,
                 "unreachable": self.unreachable}
 
@@ -57,7 +57,7 @@ class SaturationDetector:
         self._lams.clear()
         self._lams.extend(d["lams"])
         self._in_band = d["in_band"]
-        self._at_bound, self._bound_steps = d["at_bound"], d["bound_steps"]
+        self._at_bound, self._bound_errs = d["at_bound"], list(d["bound_errs"])
         self.best_val, self.evals_since_best = d["best_val"], d["evals_since_best"]
         self.unreachable = d["unreachable"]
 
@@ -70,14 +70,17 @@ class SaturationDetector:
     def rel_error(self, s_ema: float) -> float:
         return abs(s_ema - self.target) / self.target
 
-    def _track_bound(self, lam: float, off_target: bool) -> None:
+    def _track_bound(self, lam: float, err: float) -> None:
+        """Unreachable: λ at one bound for W steps, Ŝ off target and no closer than W − 1 steps ago
+        (a controller that pins λ while S still closes in, as on a large start-up error, is not stuck)."""
         bound = "lambda_max" if lam >= self.lambda_max else "lambda_min" if lam <= self.lambda_min else None
-        if bound is None or not off_target:
-            self._at_bound, self._bound_steps = None, 0
+        if bound is None or err <= self.cfg.s_tolerance:
+            self._at_bound, self._bound_errs = None, []
             return
-        self._bound_steps = self._bound_steps + 1 if bound == self._at_bound else 1
-        self._at_bound = bound
-        if self._bound_steps >= self.cfg.window:
+        if bound != self._at_bound:
+            self._at_bound, self._bound_errs = bound, []
+        self._bound_errs = (self._bound_errs + [err])[-self.cfg.window:]
+        if len(self._bound_errs) >= self.cfg.window and err >= self._bound_errs[0]:
             self.unreachable = bound
 
     def update(self, step: int, lam: float, s_ema: float) -> bool:
@@ -85,7 +88,7 @@ class SaturationDetector:
         self._lams.append(lam)
         near = self.rel_error(s_ema) < self.cfg.s_tolerance
         self._in_band = self._in_band + 1 if near else 0
-        self._track_bound(lam, off_target=self.rel_error(s_ema) > self.cfg.s_tolerance)
+        self._track_bound(lam, self.rel_error(s_ema))
         if not self.cfg.enabled or step < self.cfg.min_steps or len(self._lams) <= self.cfg.window:
             return False
         change = abs(self._lams[-1] - self._lams[0])

@@ -19,7 +19,9 @@ def test_parallel_multirun_matches_sequential(tmp_path):
     par, seq = tmp_path / "par", tmp_path / "seq"
     p = cli(ARGS + ["hydra.launcher.n_jobs=2", f"hydra.sweep.dir={par}"])
     assert p.returncode == 0, p.stderr[-2000:]
-    s = cli(ARGS + ["hydra/launcher=basic", f"hydra.sweep.dir={seq}"])
+    # one BLAS thread, as each worker has: a DYNAMIC_ARCH OpenBLAS may sum in another order with two
+    s = cli(ARGS + ["hydra/launcher=basic", f"hydra.sweep.dir={seq}"],
+            env={"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
     assert s.returncode == 0, s.stderr[-2000:]
     summaries = []
     for job in ("0", "1"):
@@ -54,7 +56,9 @@ def test_two_ranks_reproduce_one_rank(tmp_path):
     wa, wb = load_file(str(one / "adapters/adapters.safetensors")), load_file(str(two / "adapters/adapters.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:
-        np.testing.assert_allclose(wb[k], wa[k], rtol=1e-3, atol=1e-6)
+        # Adam divides by √v: an element whose gradient is near zero turns fp32 reduction-order
+        # differences into update differences far below lr (3e-4) but above 1e-6
+        np.testing.assert_allclose(wb[k], wa[k], rtol=1e-3, atol=1e-5)
 
 
 def test_ranks_must_divide_the_batch(tmp_path):

@@ -148,8 +148,15 @@ def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_metrics(tmp
     ref.mkdir(), cut.mkdir()
     finish(args, ref)
     rng, kills, checked = random.Random(0), 0, 0
-    for _ in range(6):
+    for i in range(6):
         proc = start(args, cut)
+        if i % 2:  # every other kill lands in training or a checkpoint write, however slow the load
+            rows = list(cut.glob("outputs/runs/*/*/metrics.jsonl"))
+            before = rows[0].stat().st_size if rows else 0
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline and not any(
+                    p.stat().st_size > before for p in cut.glob("outputs/runs/*/*/metrics.jsonl")):
+                time.sleep(0.1)
         time.sleep(rng.uniform(0.5, 4.0))
         if proc.poll() is not None:
             break

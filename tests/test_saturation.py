@@ -94,6 +94,17 @@ def test_unreachable_names_the_bound_after_a_window():
     assert d2.unreachable == "lambda_max"
 
 
+def test_a_bound_while_s_still_closes_in_is_not_unreachable():
+    """A large start-up error pins λ at a bound while S falls towards the target: reachable."""
+    d = det()
+    for t in range(1, 30):
+        d.update(t, 10.0, T * (1 + 2.0 * 0.9 ** t))
+    assert d.unreachable is None
+    for t in range(30, 36):  # then stuck above the band: unreachable
+        d.update(t, 10.0, T * 1.5)
+    assert d.unreachable == "lambda_max"
+
+
 def test_unreachable_resets_when_lambda_leaves_the_bound():
     d = det()
     for t in range(1, 5):
