@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import Any, Callable, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from .config import ConfigError, SCUConfig
+from .controller import ERRORS, LAWS, SMOOTHS
 
 _CHOICES = {
     "model.source": ("tiny", "gguf", "mlx_lm"),
@@ -20,9 +21,9 @@ _CHOICES = {
     "logger.name": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
     "train.resume": ("auto", "never"),
-    "controller.law": ("positional", "incremental"),
-    "controller.error": ("relative", "absolute"),
-    "controller.smooth": ("data_bpt", "s"),
+    "controller.law": LAWS,
+    "controller.error": ERRORS,
+    "controller.smooth": SMOOTHS,
     "saturation.lambda_change": ("relative", "absolute"),
 }
 
