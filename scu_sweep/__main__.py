@@ -50,7 +50,7 @@ def main(cfg) -> float:
 
     from scu_sweep.records import StopReason
     from scu_sweep.run import RunFailed, run, write_failure
-    from scu_sweep.sinks import redact_text
+    from scu_sweep.redact import redact_text
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

@@ -9,7 +9,7 @@ from typing import Any
 
 from .records import atomic_write_text, read_json
 from .report import read_metrics, run_config
-from .sinks import redact_text, scrub
+from .redact import redact_text, scrub
 
 NEAR_ZERO = 1e-4  # |w| below this counts as near zero
 TOP_K = 10

@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 from .config import ConfigError
 from .paths import cache_dir
 from .records import PICKLE_SUFFIXES
-from .sinks import redact_text
+from .redact import redact_text
 
 _TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 _TINY_FORMAT = 1  # bump when the tiny model files change

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .records import atomic_replace, atomic_write_text, read_json
-from .sinks import redact_text
+from .redact import redact_text
 
 FINAL_KEYS = ("loss", "data_bpt", "param_bpt", "s_ratio", "lambda", "val_data_bpt")
 COLUMNS = (

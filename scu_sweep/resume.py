@@ -10,7 +10,8 @@ Two halves:
   is not run again; a checkpoint of the same config is continued; anything else starts
   afresh and drops the stale files.
 
-Stdlib only, apart from ``checkpoint`` (MLX), imported where a checkpoint is read.
+Stdlib and the config schema (``plain_config``) only, apart from ``checkpoint`` (MLX),
+imported where a checkpoint is read.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from .config import plain_config
 from .records import FAILURE_FILE, METRICS_FILE, SUMMARY_FILE, atomic_write_text, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,6 @@ _IGNORED_TRAIN = ("resume", "checkpoint_every")
 
 def fingerprint(cfg: Any) -> str:
     """sha256 of everything that decides a run's numbers (not logging, pruning links, resume keys)."""
-    from .sinks import plain_config
-
     c = {k: v for k, v in plain_config(cfg).items() if k not in _IGNORED and k != "hydra"}
     c["train"] = {k: v for k, v in c.get("train", {}).items() if k not in _IGNORED_TRAIN}
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -16,7 +16,7 @@ from .config import ConfigError
 from .validation import validate
 from .data import load_corpus
 from .lora import apply_lora, count_trainable, save_adapter
-from .sinks import redact_text
+from .redact import redact_text
 from .records import ADAPTER_DIR, FAILURE_FILE, SUMMARY_FILE, StopReason, atomic_write_json
 from .train import Diverged, RunResult, rank_size, train
 

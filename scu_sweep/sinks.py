@@ -7,10 +7,8 @@ writes summary.json, and ``sinks.close()`` in ``finally``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
 import sys
 import uuid
@@ -18,78 +16,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError, plain_config
 from .records import METRICS_FILE, atomic_write_text, json_safe
+from .redact import env_secrets, redact_text, redacted_argv, scrub
 
 log = logging.getLogger("scu_sweep.progress")
-
-_SECRET_KEY = re.compile(r"api[_-]?key|secret|passw(or)?d|credential|auth|private[_-]?key|"
-                         r"(^|[_-])token$", re.IGNORECASE)
-_SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
-_SECRET_MIN_LEN = 8  # shorter values (true, 1, offline) would redact ordinary text
-# scheme://user:PASSWORD@host -> scheme://user:***@host (SQLAlchemy, Redis, git, ... URLs)
-_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*):[^\s@'\"]+@")
-# ?password=...&token=... in a URL's query string
-_QUERY_SECRET = re.compile(r"([?&;](?:password|passwd|pwd|token|secret|api[_-]?key|"
-                           r"access[_-]?token|auth)=)[^&;\s'\"]+", re.IGNORECASE)
-MASK = "***"
-
-
-def env_secrets() -> set:
-    """Values of environment variables whose names look secret (KEY, TOKEN, SECRET, PASSWORD, ...)."""
-    return {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= _SECRET_MIN_LEN}
-
-
-def redact_text(text: str, secrets: set | None = None) -> str:
-    """``text`` with URL passwords, secret query parameters and secret env values masked."""
-    if secrets is None:
-        secrets = env_secrets()
-    text = _URL_PASSWORD.sub(rf"\1:{MASK}@", str(text))
-    text = _QUERY_SECRET.sub(rf"\1{MASK}", text)
-    for secret in sorted(secrets, key=len, reverse=True):  # a longer secret may hold a shorter one
-        text = text.replace(secret, MASK)
-    return text
-
-
-def plain_config(cfg: Any) -> dict:
-    """The config as plain containers, resolved where possible."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-        from omegaconf.errors import OmegaConfBaseException
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra
-        return dict(cfg)
-    if isinstance(cfg, DictConfig):
-        try:
-            return OmegaConf.to_container(cfg, resolve=True)
-        except OmegaConfBaseException:  # an interpolation that needs a Hydra context
-            return OmegaConf.to_container(cfg, resolve=False)
-    return dict(cfg)
-
-
-def scrub(obj: Any, secrets: set | None = None) -> Any:
-    """Drop secret-looking keys and any value equal to a secret-looking env var; in the other
-    strings mask URL passwords and secret env values (`redact_text`)."""
-    if secrets is None:
-        secrets = env_secrets()
-    if isinstance(obj, dict):
-        return {k: scrub(v, secrets) for k, v in obj.items()
-                if not _SECRET_KEY.search(str(k)) and not (isinstance(v, str) and v in secrets)}
-    if isinstance(obj, (list, tuple)):
-        return [scrub(v, secrets) for v in obj if not (isinstance(v, str) and v in secrets)]
-    if isinstance(obj, str):
-        return redact_text(obj, secrets)
-    return obj
-
-
-@contextlib.contextmanager
-def _redacted_argv():
-    """``sys.argv`` with secrets masked while wandb records it (its metadata keeps the args)."""
-    saved = sys.argv[:]
-    secrets = env_secrets()
-    sys.argv[1:] = [redact_text(a, secrets) for a in saved[1:]]
-    try:
-        yield
-    finally:
-        sys.argv[:] = saved
 
 
 class JsonlSink:
@@ -195,10 +126,8 @@ class WandbSink:
 
     def __init__(self, c: dict, run_dir: Path, sweep: Path | None, resumed: bool = False):
         try:
-            import wandb
+            import wandb  # heavy and optional: only when logger.name=wandb
         except ImportError as e:
-            from .config import ConfigError
-
             raise ConfigError("logger.name=wandb: the wandb package is not installed; "
                               "allowed: install wandb or use logger=none") from e
         self._wandb, self.run, self._warned, self._run_dir = wandb, None, False, run_dir
@@ -212,7 +141,7 @@ class WandbSink:
         name = (f"{run_dir.name}: {label}" if sweep is not None else label) or run_dir.name
         text = lambda v: None if v is None else redact_text(str(v), secrets)  # noqa: E731
         run_id = _wandb_run_id(run_dir, resumed)
-        with _redacted_argv():  # wandb's metadata records sys.argv (the command-line overrides)
+        with redacted_argv():  # wandb's metadata records sys.argv (the command-line overrides)
             self.run = self._call("init", wandb.init, mode=lg.get("mode") or "offline",
                                   id=run_id, resume="allow",
                                   dir=str(run_dir), project=text(lg.get("project")),

@@ -346,7 +346,7 @@ STORAGE_URL = f"postgresql://scu:{URL_PASSWORD}@db.example.org:5432/optuna"
 
 
 def test_redact_text_and_scrub(monkeypatch):
-    from scu_sweep.sinks import redact_text, scrub
+    from scu_sweep.redact import redact_text, scrub
 
     for k, v in SECRETS.items():
         monkeypatch.setenv(k, v)
