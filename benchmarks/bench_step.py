@@ -83,7 +83,8 @@ def build_mlx_step(variant: str, code: str, batch: int, seq: int, group=None) ->
     from omegaconf import OmegaConf
 
     import scu_sweep.train as train
-    from scu_sweep import losses, mdl
+    from scu_sweep import losses
+    from scu_sweep.scu import mdl
     from scu_sweep.lora import apply_lora
 
     mx.random.seed(0)

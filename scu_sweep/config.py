@@ -14,8 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .controller import ControllerConfig
-from .saturation import SaturationConfig
+from .scu.controller import ControllerConfig
+from .scu.saturation import SaturationConfig
 
 
 class ConfigError(ValueError):

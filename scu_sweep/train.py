@@ -13,14 +13,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from . import mdl
-from .controller import ControllerConfig, ControllerState, initial_state
-from .controller import step as control_step
+from .scu import mdl
+from .scu.controller import ControllerConfig, ControllerState, initial_state
+from .scu.controller import step as control_step
 from .data import Corpus, batch_indices, val_batches
 from .lora import sum_sq
 from .losses import causal_lm_loss
 from .records import StopReason
-from .saturation import SaturationConfig, SaturationDetector
+from .scu.saturation import SaturationConfig, SaturationDetector
 
 log = logging.getLogger(__name__)
 

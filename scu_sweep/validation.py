@@ -12,7 +12,7 @@ from functools import lru_cache
 from typing import Any, Callable, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from .config import ConfigError, SCUConfig
-from .controller import ERRORS, LAWS, SMOOTHS
+from .scu.controller import ERRORS, LAWS, SMOOTHS
 
 _CHOICES = {
     "model.source": ("tiny", "gguf", "mlx_lm"),

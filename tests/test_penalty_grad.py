@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from scu_sweep import mdl
+from scu_sweep.scu import mdl
 from scu_sweep.lora import apply_lora, sum_sq
 from scu_sweep.train import make_optimizer, make_train_step
 
