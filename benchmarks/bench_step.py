@@ -2,7 +2,7 @@
 
 Shape: SmolLM2-135M (random init), batch 4 x seq 128, LoRA r16 on q/k/v/o/gate/up/down,
 AdamW, fp32. The MLX step is the project's own: ``scu_sweep.models.lora.apply_lora``,
-``scu_sweep.train.make_optimizer`` and ``make_train_step`` (CE + λ·coef·Σw², λ an
+``scu_sweep.training.loop.make_optimizer`` and ``make_train_step`` (CE + λ·coef·Σw², λ an
 input of the compiled step). Each backend runs in its own subprocess, because the BLAS
 preload must precede ``import mlx.core`` and must never share a process with torch:
 
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scu_sweep import backend  # noqa: E402  (stdlib only; imports no MLX)
+from scu_sweep.training import backend  # noqa: E402  (stdlib only; imports no MLX)
 
 MODEL = dict(
     model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -70,7 +70,7 @@ def reference_ce(model, x, y):
 def build_mlx_step(variant: str, code: str, batch: int, seq: int, group=None) -> Callable[[], object]:
     """A zero-argument callable that runs one training step and waits for it.
 
-    ``scu``: ``scu_sweep.train.make_train_step`` (CE + λ·coef·Σw², also returns CE and
+    ``scu``: ``scu_sweep.training.loop.make_train_step`` (CE + λ·coef·Σw², also returns CE and
     Σw²). ``plain``: the same LoRA step with no penalty and no Σw² at all. With a
     distributed ``group`` this rank takes rows ``rank::size`` of the global batch.
     The step is traced here (two calls), under the chosen code.
@@ -82,7 +82,7 @@ def build_mlx_step(variant: str, code: str, batch: int, seq: int, group=None) ->
     from mlx_lm.models.llama import Model, ModelArgs
     from omegaconf import OmegaConf
 
-    import scu_sweep.train as train
+    import scu_sweep.training.loop as train
     from scu_sweep.models import fast_ops
     from scu_sweep.scu import mdl
     from scu_sweep.models.lora import apply_lora

@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from scu_sweep.backend import preload_blas
+from scu_sweep.training.backend import preload_blas
 
 preload_blas()  # must precede the first `import mlx.core` (DESIGN §4)
 

@@ -94,7 +94,7 @@ def run_local_ranks(rank_cmd: list, n: int, workdir: Path, env: dict | None = No
 
 def main(run_dir: str) -> int:
     """One rank: join the group, run, exit 0 / 1 (run failed) / 2 (bad input)."""
-    from .backend import preload_blas
+    from .training.backend import preload_blas
 
     die_with_env_parent()  # a rank whose job process was SIGKILLed does not train on alone
     preload_blas()

@@ -57,7 +57,7 @@ def checkpoint_to_resume(cfg: Any, run_dir: Path, fp: str):
     """The latest checkpoint in ``run_dir`` written by this config (resume=auto), else None."""
     if cfg.train.resume != "auto":
         return None
-    from . import checkpoint
+    from .training import checkpoint  # lazy: MLX; Hydra resolves the run dir through this module
 
     ckpt = checkpoint.latest(run_dir)
     if ckpt is not None and ckpt.state.get("config_hash") != fp:
@@ -80,7 +80,7 @@ def prepare_run_dir(run_dir: Path, ckpt) -> None:
         keep = [r for r in read_jsonl(metrics) if ckpt is not None and r.get("step", 0) <= ckpt.step]
         atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in keep))
     if ckpt is None:
-        from . import checkpoint
+        from .training import checkpoint  # lazy: MLX; Hydra resolves the run dir through this module
 
         checkpoint.remove(run_dir)
 

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import checkpoint, resume
+from . import resume
 from .models import load as models
 from .config import ConfigError
 from .validation import validate
-from .data import load_corpus
 from .models.lora import apply_lora, count_trainable, save_adapter
 from .redact import redact_text
 from .records import ADAPTER_DIR, FAILURE_FILE, SUMMARY_FILE, StopReason, atomic_write_json
-from .train import Diverged, RunResult, rank_size, train
+from .training import checkpoint
+from .training.data import load_corpus
+from .training.loop import Diverged, RunResult, rank_size, train
 
 log = logging.getLogger(__name__)
 

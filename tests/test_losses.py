@@ -1,4 +1,4 @@
-"""scu_sweep.losses and scu_sweep.models.fast_ops: the same value and gradients as MLX's cross-entropy (DESIGN §2: the
+"""scu_sweep.training.losses and scu_sweep.models.fast_ops: the same value and gradients as MLX's cross-entropy (DESIGN §2: the
 training loss is CE + λ·Σw²/(2σ²N), so the CE's gradient must be exact too)."""
 
 import mlx.core as mx
@@ -8,7 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from scu_sweep import losses
+from scu_sweep.training import losses
 from scu_sweep.models import fast_ops
 from scu_sweep.models.lora import sum_sq
 

@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from scu_sweep.scu import mdl
 from scu_sweep.models.lora import apply_lora, sum_sq
-from scu_sweep.train import make_optimizer, make_train_step
+from scu_sweep.training.loop import make_optimizer, make_train_step
 
 from conftest import compose_cfg
 

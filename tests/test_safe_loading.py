@@ -271,7 +271,7 @@ def test_data_path_script_or_pickle_is_refused(tmp_path, suffix):
 def test_a_script_among_good_files_is_refused_before_any_read(tmp_path, monkeypatch):
     import datasets
 
-    from scu_sweep.data import iter_texts
+    from scu_sweep.training.data import iter_texts
 
     good = tmp_path / "a.txt"
     good.write_text("hello\n" * 100)
@@ -287,7 +287,7 @@ def test_a_script_among_good_files_is_refused_before_any_read(tmp_path, monkeypa
 def test_datasets_gets_packaged_builders_and_trust_remote_code_false(tmp_path, monkeypatch):
     import datasets
 
-    from scu_sweep.data import _stream_dataset, iter_texts
+    from scu_sweep.training.data import _stream_dataset, iter_texts
 
     calls = []
 
@@ -310,7 +310,7 @@ def test_datasets_gets_packaged_builders_and_trust_remote_code_false(tmp_path, m
 def test_stream_source_with_a_script_or_pickle_is_refused(tmp_path, layout, monkeypatch):
     import datasets
 
-    from scu_sweep.data import iter_texts
+    from scu_sweep.training.data import iter_texts
 
     marker = tmp_path / "RAN"
     folder = tmp_path / "my_corpus"

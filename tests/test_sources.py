@@ -59,7 +59,7 @@ def fineweb_standin(tmp_path):
 
 
 def test_fineweb_streams_a_token_budget(fineweb_standin):
-    from scu_sweep.data import load_corpus
+    from scu_sweep.training.data import load_corpus
     from scu_sweep.models.load import load
 
     cfg = compose_cfg(["model=tiny", "data=fineweb_edu", f"data.hf_path={fineweb_standin}", "data.hf_name=null",
@@ -83,7 +83,7 @@ def test_fineweb_budget_smaller_than_a_sequence_is_refused(fineweb_standin, tmp_
 
 
 def test_text_files_jsonl_and_split_is_deterministic(tmp_path):
-    from scu_sweep.data import load_corpus
+    from scu_sweep.training.data import load_corpus
     from scu_sweep.models.load import load
 
     f = tmp_path / "c.jsonl"
@@ -100,7 +100,7 @@ def test_a_split_that_leaves_no_training_block_is_refused():
     import numpy as np
 
     from scu_sweep.config import ConfigError
-    from scu_sweep.data import split
+    from scu_sweep.training.data import split
 
     blocks = np.arange(2 * 9, dtype=np.int32).reshape(2, 9)
     assert split(blocks, 0.5, 0).train.shape == (1, 9)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .models.fast_ops import exp_nonpositive, on_cpu
+from ..models.fast_ops import exp_nonpositive, on_cpu
 
 _ROW_BLOCK_BYTES = 512 * 1024  # cross_entropy: logits per row block
 _VOCAB_BLOCK_BYTES = 2 * 1024 * 1024  # head_cross_entropy: logits per vocabulary block
