@@ -9,6 +9,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from .tracking.report import write_sweep_report
+
 log = logging.getLogger(__name__)
 
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
@@ -55,8 +57,6 @@ class SweepReport(Callback):
                 os.environ.setdefault(var, "1")
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        from .report import write_sweep_report
-
         path = write_sweep_report(Path(config.hydra.sweep.dir))
         log.info("sweep report: %s", path)
         log.info("sweep finished in %.0f s (model loads included)", time.perf_counter() - self._started)

@@ -17,7 +17,9 @@ from .config import ConfigError
 from .validation import validate
 from .models.lora import apply_lora, count_trainable, save_adapter
 from .redact import redact_text
+from .pruning import make_reporter
 from .records import ADAPTER_DIR, FAILURE_FILE, SUMMARY_FILE, StopReason, atomic_write_json
+from .tracking.sinks import make_sinks
 from .training import checkpoint
 from .training.data import load_corpus
 from .training.loop import Diverged, RunResult, rank_size, train
@@ -175,12 +177,8 @@ def _run(cfg, run_dir: Path, overrides, group, fingerprint: str) -> float:
     resume.prepare_run_dir(run_dir, ckpt)
     log.info("N=%d train tokens, %d val tokens, %d trainable params", corpus.train_tokens, corpus.val_tokens, n_params)
 
-    from .sinks import make_sinks
-
     reporter = None
     if cfg.pruning.storage:
-        from .pruning import make_reporter
-
         reporter = make_reporter(cfg.pruning)
     sinks = make_sinks(cfg, run_dir, resumed=ckpt is not None)
     try:

@@ -368,7 +368,7 @@ def test_model_card_is_scrubbed(tmp_path, monkeypatch):
     import numpy as np
     from safetensors.numpy import save_file
 
-    from scu_sweep.card import write_model_card
+    from scu_sweep.tracking.card import write_model_card
 
     monkeypatch.setenv("HF_TOKEN", SECRETS["HF_TOKEN"])
     adir = tmp_path / "adapters"
@@ -465,7 +465,7 @@ def test_summary_overrides_are_scrubbed(secret_run):
 
 
 def test_sweep_report_overrides_are_scrubbed(tmp_path):
-    from scu_sweep.report import write_sweep_report
+    from scu_sweep.tracking.report import write_sweep_report
 
     job = tmp_path / "0"
     (job / ".hydra").mkdir(parents=True)
