@@ -17,7 +17,7 @@ from hydra.types import RunMode  # noqa: E402
 
 from scu_sweep.config import ConfigError, register  # noqa: E402
 from scu_sweep.records import FAILURE_FILE  # noqa: E402
-from scu_sweep.resume import register_resolver  # noqa: E402
+from scu_sweep.sweeps.resume import register_resolver  # noqa: E402
 
 register()
 register_resolver()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .lifeline import PARENT_ENV, die_with_env_parent
+from .sweeps.lifeline import PARENT_ENV, die_with_env_parent
 
 RANK_DIR = "ranks"  # inside the run dir: resolved config and overrides for the ranks
 HOSTFILE_ENV = "SCU_SWEEP_HOSTFILE"

@@ -11,18 +11,18 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import resume
-from .models import load as models
 from .config import ConfigError
-from .validation import validate
+from .models import load as models
 from .models.lora import apply_lora, count_trainable, save_adapter
-from .redact import redact_text
-from .pruning import make_reporter
 from .records import ADAPTER_DIR, FAILURE_FILE, SUMMARY_FILE, StopReason, atomic_write_json
+from .redact import redact_text
+from .sweeps import resume
+from .sweeps.pruning import make_reporter
 from .tracking.sinks import make_sinks
 from .training import checkpoint
 from .training.data import load_corpus
 from .training.loop import Diverged, RunResult, rank_size, train
+from .validation import validate
 
 log = logging.getLogger(__name__)
 

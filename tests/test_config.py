@@ -147,7 +147,7 @@ def test_pure_modules_import_only_the_standard_library():
     core = sorted(f"scu_sweep.scu.{p.stem}" for p in (Path(CONF).parent / "scu_sweep" / "scu").glob("*.py")
                   if p.stem != "__init__")
     assert {"scu_sweep.scu.mdl", "scu_sweep.scu.controller", "scu_sweep.scu.saturation"} <= set(core)
-    modules = [*core, "scu_sweep.records", "scu_sweep.redact", "scu_sweep.paths", "scu_sweep.pruning"]
+    modules = [*core, "scu_sweep.records", "scu_sweep.redact", "scu_sweep.paths", "scu_sweep.sweeps.pruning"]
     code = ("import sys\n"
             "for m in ('mlx', 'mlx.core', 'optuna', 'wandb', 'hydra', 'omegaconf', 'numpy'): sys.modules[m] = None\n"
             f"import {', '.join(modules)}\n"

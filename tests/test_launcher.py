@@ -297,7 +297,7 @@ def test_ctrl_c_leaves_no_worker(tmp_path, group):
 @pytest.mark.slow
 def test_a_sigkilled_sweep_leaves_no_worker_and_resumes(tmp_path):
     """SIGKILL runs no cleanup in the sweep process: its workers notice their parent is
-    gone and kill themselves (scu_sweep.lifeline); they used to train on as orphans. The
+    gone and kill themselves (scu_sweep.sweeps.lifeline); they used to train on as orphans. The
     same command then continues both jobs from their checkpoints."""
     sweep = tmp_path / "sweep"
     args = ["-m", *TINY, "train.steps=400", "train.eval_every=100000", "train.checkpoint_every=5",

@@ -8,7 +8,7 @@ gets ``failure.json`` (``stop_reason: killed``) and a FAILED ``JobReturn``, the 
 new pool, and the other jobs go on. Launches from several threads (the optuna sweeper)
 share the slots. An interrupt, or the interpreter exiting with jobs still running,
 kills every worker; a launch that ends with no other launch running stops the workers.
-A worker whose sweep process was SIGKILLed kills itself (``scu_sweep.lifeline``).
+A worker whose sweep process was SIGKILLed kills itself (``scu_sweep.sweeps.lifeline``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from joblib.externals.loky.process_executor import (
 )
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from scu_sweep.lifeline import die_with_parent
+from scu_sweep.sweeps.lifeline import die_with_parent
 from scu_sweep.records import FAILURE_FILE, SUMMARY_FILE, StopReason, atomic_write_json
 
 log = logging.getLogger(__name__)
