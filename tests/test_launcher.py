@@ -85,7 +85,7 @@ def test_dead_worker_return_is_failed_but_does_not_raise():
     """Hydra's BasicSweeper reads every return value; a FAILED one re-raises its error."""
     from hydra.core.utils import JobStatus
 
-    from hydra_plugins.scu_launcher._core import DeadWorkerReturn, WorkerDied
+    from hydra_plugins.scu_launcher._failures import DeadWorkerReturn, WorkerDied
 
     ret = DeadWorkerReturn(status=JobStatus.FAILED, _return_value=WorkerDied("died of SIGKILL"))
     assert ret.status == JobStatus.FAILED and math.isnan(ret.return_value)
@@ -97,9 +97,9 @@ def test_dead_worker_return_is_failed_but_does_not_raise():
                                          (1, "123 exited with code 1 mid-job: out of memory?"),
                                          (None, "died (exit status unknown): out of memory?")])
 def test_death_message_is_one_line(code, words):
-    from hydra_plugins.scu_launcher._core import _death
+    from hydra_plugins.scu_launcher._failures import death
 
-    msg = _death([SimpleNamespace(pid=123, exitcode=code)])
+    msg = death([SimpleNamespace(pid=123, exitcode=code)])
     assert words in msg and "\n" not in msg
 
 
