@@ -1,8 +1,8 @@
 """Tokens/s of one SCU LoRA training step: MLX stock BLAS, MLX + OpenBLAS, PyTorch + PEFT.
 
 Shape: SmolLM2-135M (random init), batch 4 x seq 128, LoRA r16 on q/k/v/o/gate/up/down,
-AdamW, fp32. The MLX step is the project's own: ``scu_sweep.lora.apply_lora``,
-``scu_sweep.train.make_optimizer`` and ``make_train_step`` (CE + λ·coef·Σw², λ an
+AdamW, fp32. The MLX step is the project's own: ``scu_sweep.models.lora.apply_lora``,
+``scu_sweep.training.loop.make_optimizer`` and ``make_train_step`` (CE + λ·coef·Σw², λ an
 input of the compiled step). Each backend runs in its own subprocess, because the BLAS
 preload must precede ``import mlx.core`` and must never share a process with torch:
 
@@ -16,7 +16,7 @@ BLAS thread each, each on half of the global batch, gradients averaged), started
 ``--code mlx-lm,project`` (default) times, interleaved in one process, the step with
 mlx-lm's own model functions and ``nn.losses.cross_entropy`` (the reference) and the
 project's step as it runs (``train.ce_loss``: output head and CE fused, and
-``losses.install_fast_ops``, as ``models.load`` does on CPU).
+``models.fast_ops.install_fast_ops``, as ``models.load.load`` does on CPU).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scu_sweep import backend  # noqa: E402  (stdlib only; imports no MLX)
+from scu_sweep.training import backend  # noqa: E402  (stdlib only; imports no MLX)
 
 MODEL = dict(
     model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -70,7 +70,7 @@ def reference_ce(model, x, y):
 def build_mlx_step(variant: str, code: str, batch: int, seq: int, group=None) -> Callable[[], object]:
     """A zero-argument callable that runs one training step and waits for it.
 
-    ``scu``: ``scu_sweep.train.make_train_step`` (CE + λ·coef·Σw², also returns CE and
+    ``scu``: ``scu_sweep.training.loop.make_train_step`` (CE + λ·coef·Σw², also returns CE and
     Σw²). ``plain``: the same LoRA step with no penalty and no Σw² at all. With a
     distributed ``group`` this rank takes rows ``rank::size`` of the global batch.
     The step is traced here (two calls), under the chosen code.
@@ -82,9 +82,10 @@ def build_mlx_step(variant: str, code: str, batch: int, seq: int, group=None) ->
     from mlx_lm.models.llama import Model, ModelArgs
     from omegaconf import OmegaConf
 
-    import scu_sweep.train as train
-    from scu_sweep import losses, mdl
-    from scu_sweep.lora import apply_lora
+    import scu_sweep.training.loop as train
+    from scu_sweep.models import fast_ops
+    from scu_sweep.scu import mdl
+    from scu_sweep.models.lora import apply_lora
 
     mx.random.seed(0)
     model = Model(ModelArgs(**MODEL))
@@ -99,7 +100,7 @@ def build_mlx_step(variant: str, code: str, batch: int, seq: int, group=None) ->
     saved, installed = train.ce_loss, []
     try:  # patches hold while the step is traced, by its first two calls, and no longer
         if code == "project":
-            installed = losses.install_fast_ops(model)
+            installed = fast_ops.install_fast_ops(model)
         if variant == "scu":
             train.ce_loss = ce_loss  # make_train_step looks ce_loss up when it traces
             step = train.make_train_step(model, opt, mdl.penalty_coef(SIGMA, TRAIN_TOKENS), group)
@@ -312,7 +313,7 @@ def report(res: dict, args: argparse.Namespace, load0: float) -> None:
     print(f"\nSCU LoRA step, SmolLM2-135M shape, B{args.batch} x L{args.seq}, r16 x 7 projections, "
           f"AdamW fp32, {args.threads} threads per process unless noted; median of {args.steps} timed "
           f"steps after {args.warmup} warm-up steps; code: mlx-lm = mlx-lm's model functions and MLX's "
-          "cross-entropy, project = the step as scu_sweep runs it (fused head + CE, losses.install_fast_ops)")
+          "cross-entropy, project = the step as scu_sweep runs it (fused head + CE, fast_ops.install_fast_ops)")
     for key in ("stock", "openblas"):
         if "gflops" in res.get(key, {}):
             print(f"2048^3 fp32 matmul, {res[key]['blas']}: {res[key]['gflops']:.1f} GFLOP/s")

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scu_sweep.records import read_jsonl  # noqa: E402
-from scu_sweep.saturation import SaturationConfig, SaturationDetector  # noqa: E402
+from scu_sweep.scu.saturation import SaturationConfig, SaturationDetector  # noqa: E402
 
 SUITES = {
     "default": ["target_s=0.02,0.03,0.05"],

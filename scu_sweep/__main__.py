@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
 from pathlib import Path
 
-from scu_sweep.backend import preload_blas
+from scu_sweep.training.backend import preload_blas
 
 preload_blas()  # must precede the first `import mlx.core` (DESIGN §4)
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from scu_sweep.config import ConfigError, register  # noqa: E402
-from scu_sweep.records import FAILURE_FILE  # noqa: E402
-from scu_sweep.resume import register_resolver  # noqa: E402
+from scu_sweep.ranks import launch  # noqa: E402
+from scu_sweep.records import FAILURE_FILE, SUMMARY_FILE, StopReason  # noqa: E402
+from scu_sweep.redact import redact_text  # noqa: E402
+from scu_sweep.sweeps.resume import register_resolver  # noqa: E402
+from scu_sweep.validation import validate  # noqa: E402
 
 register()
 register_resolver()
@@ -27,11 +32,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 def _run_ranks(cfg, run_dir: Path, overrides) -> float:
     """``train.ranks`` > 1 (``main`` has validated): train as N processes, read rank 0's summary."""
-    import json
-
-    from scu_sweep.ranks import launch
-    from scu_sweep.records import SUMMARY_FILE
-    from scu_sweep.run import RunFailed, objective
+    from scu_sweep.run import RunFailed, objective  # lazy: MLX and mlx-lm load in the job only
 
     code = launch(cfg, run_dir, overrides)
     if code != 0:
@@ -46,19 +47,13 @@ def _run_ranks(cfg, run_dir: Path, overrides) -> float:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg) -> float:
     preload_blas()  # no-op here; in a spawned worker that unpickled `main` it is the first call
-    from omegaconf import OmegaConf
-
-    from scu_sweep.records import StopReason
-    from scu_sweep.run import RunFailed, run, write_failure
-    from scu_sweep.sinks import redact_text
+    from scu_sweep.run import RunFailed, run, write_failure  # lazy: as in _run_ranks
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)  # ${oc.env:..} stays unexpanded
     sweep = hc.mode == RunMode.MULTIRUN
     try:
-        from scu_sweep.validation import validate
-
         validate(cfg)  # before reading any key: an unresolvable value is a one-line error too
         if cfg.train.ranks > 1:
             return _run_ranks(cfg, run_dir, overrides)

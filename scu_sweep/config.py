@@ -8,13 +8,14 @@ that an unknown key or a wrong type fails at composition.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING
+from omegaconf import II, MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from .controller import ControllerConfig
-from .saturation import SaturationConfig
+from .scu.controller import ControllerConfig
+from .scu.saturation import SaturationConfig
 
 
 class ConfigError(ValueError):
@@ -131,3 +132,13 @@ class SCUConfig:
 def register() -> None:
     """Store the schema under the name the primary config's defaults list uses."""
     ConfigStore.instance().store(name="scu_schema", node=SCUConfig)
+
+
+def plain_config(cfg: Any) -> dict:
+    """The config as plain containers, resolved where possible."""
+    if isinstance(cfg, DictConfig):
+        try:
+            return OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException:  # an interpolation that needs a Hydra context
+            return OmegaConf.to_container(cfg, resolve=False)
+    return dict(cfg)

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .lifeline import PARENT_ENV, die_with_env_parent
+from .config import ConfigError
+from .sweeps.lifeline import PARENT_ENV, die_with_env_parent
+from .training.backend import preload_blas
 
 RANK_DIR = "ranks"  # inside the run dir: resolved config and overrides for the ranks
 HOSTFILE_ENV = "SCU_SWEEP_HOSTFILE"
@@ -94,13 +96,10 @@ def run_local_ranks(rank_cmd: list, n: int, workdir: Path, env: dict | None = No
 
 def main(run_dir: str) -> int:
     """One rank: join the group, run, exit 0 / 1 (run failed) / 2 (bad input)."""
-    from .backend import preload_blas
-
     die_with_env_parent()  # a rank whose job process was SIGKILLed does not train on alone
     preload_blas()
-    import mlx.core as mx
+    import mlx.core as mx  # lazy, here and below: MLX must load after preload_blas()
 
-    from .config import ConfigError
     from .run import RunFailed, run
 
     d = Path(run_dir) / RANK_DIR

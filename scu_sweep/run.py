@@ -11,14 +11,18 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import checkpoint, models, resume
 from .config import ConfigError
-from .validation import validate
-from .data import load_corpus
-from .lora import apply_lora, count_trainable, save_adapter
-from .sinks import redact_text
+from .models import load as models
+from .models.lora import apply_lora, count_trainable, save_adapter
 from .records import ADAPTER_DIR, FAILURE_FILE, SUMMARY_FILE, StopReason, atomic_write_json
-from .train import Diverged, RunResult, rank_size, train
+from .redact import redact_text
+from .sweeps import resume
+from .sweeps.pruning import make_reporter
+from .tracking.sinks import make_sinks
+from .training import checkpoint
+from .training.data import load_corpus
+from .training.loop import Diverged, RunResult, rank_size, train
+from .validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +177,8 @@ def _run(cfg, run_dir: Path, overrides, group, fingerprint: str) -> float:
     resume.prepare_run_dir(run_dir, ckpt)
     log.info("N=%d train tokens, %d val tokens, %d trainable params", corpus.train_tokens, corpus.val_tokens, n_params)
 
-    from .sinks import make_sinks
-
     reporter = None
     if cfg.pruning.storage:
-        from .pruning import make_reporter
-
         reporter = make_reporter(cfg.pruning)
     sinks = make_sinks(cfg, run_dir, resumed=ckpt is not None)
     try:

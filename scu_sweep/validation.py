@@ -12,7 +12,7 @@ from functools import lru_cache
 from typing import Any, Callable, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from .config import ConfigError, SCUConfig
-from .controller import ERRORS, LAWS, SMOOTHS
+from .scu.controller import ERRORS, LAWS, SMOOTHS
 
 _CHOICES = {
     "model.source": ("tiny", "gguf", "mlx_lm"),
@@ -27,7 +27,7 @@ _CHOICES = {
     "saturation.lambda_change": ("relative", "absolute"),
 }
 
-_TINY_MIN_VOCAB = 260  # 256 byte tokens + the 4 specials of the offline byte tokenizer (models.py)
+_TINY_MIN_VOCAB = 260  # 256 byte tokens + the 4 specials of the offline byte tokenizer (models/tiny.py)
 _SEED_END = 2 ** 64  # mx.random.seed takes a uint64
 _INT32_END = 2 ** 31  # MLX's LR schedules count steps in int32
 _MAXSIZE = 2 ** 63 - 1  # a Python container length (the saturation window is a deque's maxlen)

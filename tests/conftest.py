@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scu_sweep.backend import preload_blas
+from scu_sweep.training.backend import preload_blas
 
 preload_blas()  # before anything imports mlx: in-process runs get the fast BLAS too
 

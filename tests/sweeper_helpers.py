@@ -67,7 +67,7 @@ def wait_all(procs: List[subprocess.Popen], sweep_root: Path, timeout: float = 3
 def load_study(storage: str, name: str):
     import optuna
 
-    from scu_sweep.pruning import open_storage
+    from scu_sweep.sweeps.pruning import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage(storage))
 

@@ -22,7 +22,7 @@ PRELUDE = """
 import ctypes, json, os, sys, warnings
 warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as caught:
-    from scu_sweep import backend
+    from scu_sweep.training import backend
     desc = backend.preload_blas()
     again = backend.preload_blas()
 

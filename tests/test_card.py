@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from scu_sweep import card
+from scu_sweep.tracking import card
 
 MODULES = {  # module -> (in, out); layer 1's down_proj gets the largest weights
     "model.layers.0.self_attn.q_proj": (16, 16),

@@ -139,13 +139,18 @@ def test_cli_seq_len_beyond_the_model_context(tmp_path):
 
 
 def test_pure_modules_import_only_the_standard_library():
-    """mdl, controller, saturation, records and pruning must load with MLX, Optuna, wandb and Hydra absent."""
+    """Every module of the pure core (scu_sweep/scu/), and records, redact, paths and pruning,
+    must load with MLX, Optuna, wandb and Hydra absent."""
     import subprocess
     import sys
 
+    core = sorted(f"scu_sweep.scu.{p.stem}" for p in (Path(CONF).parent / "scu_sweep" / "scu").glob("*.py")
+                  if p.stem != "__init__")
+    assert {"scu_sweep.scu.mdl", "scu_sweep.scu.controller", "scu_sweep.scu.saturation"} <= set(core)
+    modules = [*core, "scu_sweep.records", "scu_sweep.redact", "scu_sweep.paths", "scu_sweep.sweeps.pruning"]
     code = ("import sys\n"
             "for m in ('mlx', 'mlx.core', 'optuna', 'wandb', 'hydra', 'omegaconf', 'numpy'): sys.modules[m] = None\n"
-            "import scu_sweep.mdl, scu_sweep.controller, scu_sweep.saturation, scu_sweep.records, scu_sweep.pruning\n"
+            f"import {', '.join(modules)}\n"
             "print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(CONF).parent)
     assert proc.stdout.strip() == "ok", proc.stderr[-1500:]

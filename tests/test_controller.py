@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from scu_sweep.controller import ControllerConfig, ControllerState, initial_state, step
+from scu_sweep.scu.controller import ControllerConfig, ControllerState, initial_state, step
 
 T = 0.03
 # The seed's law (DESIGN §2), EMA off so each step sees the raw S.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from scu_sweep import export_peft as ep
+from scu_sweep.tracking import export_peft as ep
 
 RANK, SCALE = 4, 2.5  # alpha = 10
 SHAPES = {"model.layers.0.self_attn.q_proj": (24, 16), "model.layers.0.mlp.down_proj": (40, 24),

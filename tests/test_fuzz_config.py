@@ -422,7 +422,7 @@ def test_fuzzed_overrides_fail_cleanly_or_are_valid():
     (["data=fineweb_edu", "data.max_tokens=null"], "refused"),
     (["data=fineweb_edu", "data.hf_path=null"], "refused"),
     (["model.source=mlx_lm"], "refused"),
-    (["model.quantized=true"], "refused"),  # a bool, rendered 'True': models.py compares with the string 'true'
+    (["model.quantized=true"], "refused"),  # a bool, rendered 'True': models/load.py compares with the string 'true'
     (["model.tiny.num_attention_heads=3"], "refused"),
     (["model.tiny.hidden_size=60"], "refused"),  # head size 15: RoPE needs an even one
     (["pruning.storage=sqlite:///x.db"], "refused"),

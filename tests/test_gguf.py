@@ -1,4 +1,4 @@
-"""GGUF -> mlx-lm conversion (scu_sweep.gguf) and the SmolLM2 source (scu_sweep.smollm2).
+"""GGUF -> mlx-lm conversion (scu_sweep.models.gguf) and the SmolLM2 source (scu_sweep.models.smollm2).
 
 Synthetic GGUF files written here check the quantisation mapping and the q/k row
 order against numbers computed by hand; the real SmolLM2 GGUF (installed with
@@ -20,7 +20,7 @@ import pytest
 import mlx.core as mx
 import mlx.nn as nn
 
-from scu_sweep import gguf, smollm2
+from scu_sweep.models import gguf, smollm2
 
 # ---------------------------------------------------------------- a tiny GGUF writer
 F32, Q4_1, Q8_0 = 0, 3, 8  # ggml tensor types

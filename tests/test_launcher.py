@@ -85,7 +85,7 @@ def test_dead_worker_return_is_failed_but_does_not_raise():
     """Hydra's BasicSweeper reads every return value; a FAILED one re-raises its error."""
     from hydra.core.utils import JobStatus
 
-    from hydra_plugins.scu_launcher._core import DeadWorkerReturn, WorkerDied
+    from hydra_plugins.scu_launcher._failures import DeadWorkerReturn, WorkerDied
 
     ret = DeadWorkerReturn(status=JobStatus.FAILED, _return_value=WorkerDied("died of SIGKILL"))
     assert ret.status == JobStatus.FAILED and math.isnan(ret.return_value)
@@ -97,9 +97,9 @@ def test_dead_worker_return_is_failed_but_does_not_raise():
                                          (1, "123 exited with code 1 mid-job: out of memory?"),
                                          (None, "died (exit status unknown): out of memory?")])
 def test_death_message_is_one_line(code, words):
-    from hydra_plugins.scu_launcher._core import _death
+    from hydra_plugins.scu_launcher._failures import death
 
-    msg = _death([SimpleNamespace(pid=123, exitcode=code)])
+    msg = death([SimpleNamespace(pid=123, exitcode=code)])
     assert words in msg and "\n" not in msg
 
 
@@ -297,7 +297,7 @@ def test_ctrl_c_leaves_no_worker(tmp_path, group):
 @pytest.mark.slow
 def test_a_sigkilled_sweep_leaves_no_worker_and_resumes(tmp_path):
     """SIGKILL runs no cleanup in the sweep process: its workers notice their parent is
-    gone and kill themselves (scu_sweep.lifeline); they used to train on as orphans. The
+    gone and kill themselves (scu_sweep.sweeps.lifeline); they used to train on as orphans. The
     same command then continues both jobs from their checkpoints."""
     sweep = tmp_path / "sweep"
     args = ["-m", *TINY, "train.steps=400", "train.eval_every=100000", "train.checkpoint_every=5",

@@ -1,4 +1,4 @@
-"""scu_sweep.losses: the same value and gradients as MLX's cross-entropy (DESIGN §2: the
+"""scu_sweep.training.losses and scu_sweep.models.fast_ops: the same value and gradients as MLX's cross-entropy (DESIGN §2: the
 training loss is CE + λ·Σw²/(2σ²N), so the CE's gradient must be exact too)."""
 
 import mlx.core as mx
@@ -8,8 +8,9 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from scu_sweep import losses
-from scu_sweep.lora import sum_sq
+from scu_sweep.training import losses
+from scu_sweep.models import fast_ops
+from scu_sweep.models.lora import sum_sq
 
 RTOL = 1e-5
 
@@ -35,7 +36,7 @@ def test_exp_nonpositive_matches_exp():
     dominates near -87), and 0 where that underflows."""
     x = np.concatenate([-np.logspace(-8, np.log10(87.0), 20001), [0.0, -88.5, -100.0, -1e30, -np.inf]])
     x = mx.array(x.astype(np.float32))
-    got = np.array(mx.compile(losses.exp_nonpositive)(x), dtype=np.float64)
+    got = np.array(mx.compile(fast_ops.exp_nonpositive)(x), dtype=np.float64)
     mlx_exp = np.array(mx.exp(x), dtype=np.float64)
     exact = np.exp(np.array(x, dtype=np.float64))
     live = exact > 1e-37
@@ -165,7 +166,7 @@ def test_swiglu_and_attention_match_mlx_lm():
     gate, up, cot = arr(2, 9, 40, s=6.0), arr(2, 9, 40), arr(2, 9, 40)
     gate = mx.concatenate([gate, mx.array([[[-100.0, -30.0, 0.0, 30.0, 100.0]] * 9] * 2)], axis=-1)
     up, cot = mx.pad(up, [(0, 0), (0, 0), (0, 5)], constant_values=1.0), mx.pad(cot, [(0, 0), (0, 0), (0, 5)], constant_values=1.0)
-    out, grads = mx.vjp(mx.compile(losses.swiglu), [gate, up], [cot])
+    out, grads = mx.vjp(mx.compile(fast_ops.swiglu), [gate, up], [cot])
     ref_out, ref_grads = mx.vjp(ref_swiglu, [gate, up], [cot])
     assert rel_err(out[0], ref_out[0]) < RTOL
     for g, r in zip(grads, ref_grads):
@@ -175,7 +176,7 @@ def test_swiglu_and_attention_match_mlx_lm():
     cot = arr(2, 6, 11, 8)
     for mask in ("causal", None):
         def new(q, k, v):
-            return losses.scaled_dot_product_attention(q, k, v, scale=0.35, mask=mask)
+            return fast_ops.scaled_dot_product_attention(q, k, v, scale=0.35, mask=mask)
 
         def ref(q, k, v):
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.35, mask=mask)
@@ -186,7 +187,7 @@ def test_swiglu_and_attention_match_mlx_lm():
         for g, r in zip(grads, ref_grads):
             assert rel_err(g, r) < RTOL
     array_mask = mx.array(rng.random((11, 11)) > 0.3) | mx.eye(11, dtype=mx.bool_)  # handed to mlx-lm
-    got = losses.scaled_dot_product_attention(q, k, v, scale=0.35, mask=array_mask)
+    got = fast_ops.scaled_dot_product_attention(q, k, v, scale=0.35, mask=array_mask)
     assert rel_err(got, mx.fast.scaled_dot_product_attention(q, k, v, scale=0.35, mask=array_mask)) < RTOL
 
 
@@ -197,9 +198,9 @@ def test_install_fast_ops_keeps_loss_and_gradients(monkeypatch):
     ref_value, ref_grads = loss_and_grad(model, x[:, :-1], x[:, 1:])
     for name in ("swiglu", "scaled_dot_product_attention"):
         monkeypatch.setattr(llama, name, getattr(llama, name))  # restored after the test
-    replaced = losses.install_fast_ops(model)
+    replaced = fast_ops.install_fast_ops(model)
     assert [name for _, name, _ in replaced] == ["swiglu", "scaled_dot_product_attention"]
-    assert llama.swiglu is losses.swiglu and losses.install_fast_ops(model) == []
+    assert llama.swiglu is fast_ops.swiglu and fast_ops.install_fast_ops(model) == []
     step = mx.compile(lambda x, y: loss_and_grad(model, x, y), inputs=model.state, outputs=model.state)
     value, grads = step(x[:, :-1], x[:, 1:])
     assert rel_err(value, ref_value) < RTOL

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from scu_sweep import mdl
+from scu_sweep.scu import mdl
 
 
 def test_formulas():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from scu_sweep import mdl
-from scu_sweep.lora import apply_lora, sum_sq
-from scu_sweep.train import make_optimizer, make_train_step
+from scu_sweep.scu import mdl
+from scu_sweep.models.lora import apply_lora, sum_sq
+from scu_sweep.training.loop import make_optimizer, make_train_step
 
 from conftest import compose_cfg
 
@@ -18,7 +18,7 @@ SIGMA, N = 0.05, 5000
 
 @pytest.fixture(scope="module")
 def tiny():
-    from scu_sweep import models
+    from scu_sweep.models import load as models
 
     cfg = compose_cfg(["model=tiny", "logger=none"])
     mx.random.seed(0)

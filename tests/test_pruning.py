@@ -1,4 +1,4 @@
-"""scu_sweep.pruning: the link from a run to its trial, through real Optuna storages."""
+"""scu_sweep.sweeps.pruning: the link from a run to its trial, through real Optuna storages."""
 
 import math
 import subprocess
@@ -13,7 +13,7 @@ try:
 except ImportError:  # tests/ is not a package
     import sweeper_helpers as h
 
-from scu_sweep.pruning import (PRUNER_ATTR, NullReporter, OptunaReporter, Reporter,
+from scu_sweep.sweeps.pruning import (PRUNER_ATTR, NullReporter, OptunaReporter, Reporter,
                                build_pruner, display_url, make_reporter, open_storage)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -39,7 +39,7 @@ def test_imports_only_the_standard_library():
     code = ("import sys\n"
             "for m in ('optuna', 'hydra', 'omegaconf', 'mlx', 'sqlalchemy', 'wandb'):\n"
             "    sys.modules[m] = None\n"
-            "from scu_sweep.pruning import make_reporter\n"
+            "from scu_sweep.sweeps.pruning import make_reporter\n"
             "r = make_reporter(None)\n"
             "assert r.report(1, 2.0) is False and r.in_study is False\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=h.REPO, env=h.env(),

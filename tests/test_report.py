@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scu_sweep import report
+from scu_sweep.tracking import plots, report, run_files
 
 
 def _write_job(job: Path, overrides, summary=None, failure=None, trial=None, metrics=()):
@@ -127,13 +127,13 @@ def test_markdown_and_png(sweep):
 def test_plot_run(tmp_path):
     run = tmp_path / "run"
     _write_job(run, ["target_s=0.03"], summary=SUMMARY, metrics=_metrics())
-    out = report.plot_run(run)
+    out = plots.plot_run(run)
     assert out == run / "scu_run.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_torn_metrics_line_skipped(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "s_ratio": 0.1}\n{"step": 2, "s_')
-    assert report.read_metrics(tmp_path) == [{"step": 1, "s_ratio": 0.1}]
+    assert run_files.read_metrics(tmp_path) == [{"step": 1, "s_ratio": 0.1}]
 
 
 def test_cli(sweep, tmp_path):
@@ -149,7 +149,7 @@ def test_legend_labels_keep_only_differing_overrides():
     rows = [{"job": 0, "overrides": "model=tiny target_s=0.01"},
             {"job": 1, "overrides": "model=tiny target_s=0.3"},
             {"job": 2, "overrides": "model=tiny target_s=0.3 prior.sigma=0.1"}]
-    assert report.short_labels(rows) == ["0: target_s=0.01", "1: target_s=0.3",
+    assert plots.short_labels(rows) == ["0: target_s=0.01", "1: target_s=0.3",
                                          "2: target_s=0.3 prior.sigma=0.1"]
-    assert report.short_labels([{"job": 4, "overrides": "a=1"}]) == ["4: a=1"]
-    assert report.short_labels([{"job": 0, "overrides": ""}] * 2) == ["0: (defaults)"] * 2
+    assert plots.short_labels([{"job": 4, "overrides": "a=1"}]) == ["4: a=1"]
+    assert plots.short_labels([{"job": 0, "overrides": ""}] * 2) == ["0: (defaults)"] * 2

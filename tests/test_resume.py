@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scu_sweep import resume
+from scu_sweep.sweeps import resume
 from scu_sweep.records import read_jsonl
 
 from conftest import ROOT, compose_cfg
@@ -120,7 +120,7 @@ def test_resume_dir_picks_the_newest_unfinished_unlocked_run_of_the_same_command
     _fake_run(root, "14-00-00", ["model=tiny"])
     pick = lambda: resume.resume_dir("run", str(root), "new/dir", same, "auto")  # noqa: E731
     assert pick() == str(newer)
-    held = subprocess.Popen([sys.executable, "-c", "import sys, time; from scu_sweep.resume import DirLock; "
+    held = subprocess.Popen([sys.executable, "-c", "import sys, time; from scu_sweep.sweeps.resume import DirLock; "
                              f"DirLock({str(newer)!r}); print('held', flush=True); time.sleep(60)"],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
     try:
@@ -289,7 +289,7 @@ def test_a_sweep_sharing_its_dir_leaves_a_live_workers_running_trial_alone(tmp_p
 
     import sweeper_helpers as h
 
-    from scu_sweep.pruning import open_storage
+    from scu_sweep.sweeps.pruning import open_storage
 
     sweep = tmp_path / "sw"
     sweep.mkdir()

@@ -114,7 +114,7 @@ mx.eval(x); model.eval()
 
 def test_no_module_unpickles_or_runs_remote_code():
     files = [f for d in PACKAGE_DIRS for f in sorted(d.rglob("*.py"))]
-    assert len(files) > 20 and any(f.name == "models.py" for f in files)
+    assert len(files) > 20 and any(f.parent.name == "models" and f.name == "safe_load.py" for f in files)
     found = [hit for f in files for hit in unsafe_calls(f.read_text(), str(f))]
     assert found == []
 
@@ -139,7 +139,7 @@ def _marker_script(path: Path, marker: Path, extra: str = "") -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_dir():
-    from scu_sweep.models import tiny_model_dir
+    from scu_sweep.models.tiny import tiny_model_dir
 
     return tiny_model_dir(compose_cfg(["model=tiny"]).model.tiny, seed=0)
 
@@ -151,18 +151,18 @@ def _model_cfg(path):
 def test_mlx_lm_load_passes_trust_remote_code_false(monkeypatch):
     import mlx_lm
 
-    from scu_sweep import gguf, models
+    from scu_sweep.models import gguf, safe_load
 
     calls = []
     monkeypatch.setattr(mlx_lm, "load", lambda *a, **k: calls.append((a, k)) or ("model", "tok"))
-    assert models.mlx_lm_load("some/dir", tokenizer_config={"legacy": False}) == ("model", "tok")
+    assert safe_load.mlx_lm_load("some/dir", tokenizer_config={"legacy": False}) == ("model", "tok")
     gguf.load("other/dir", dequantize=False, adapter_path="ad")
     for (ref,), kw in calls:
         assert kw["trust_remote_code"] is False and kw["tokenizer_config"]["trust_remote_code"] is False
     assert calls[0][1]["tokenizer_config"]["legacy"] is False and calls[1][1]["adapter_path"] == "ad"
     for bad in ({"trust_remote_code": True}, {"tokenizer_config": {"trust_remote_code": True}}):
         with pytest.raises(ValueError, match="trust_remote_code"):
-            models.mlx_lm_load("x", **bad)
+            safe_load.mlx_lm_load("x", **bad)
     assert len(calls) == 2
 
 
@@ -183,7 +183,7 @@ def test_pickle_only_model_dir_is_refused(tmp_path):
 
 
 def test_pickles_beside_safetensors_are_never_touched(tmp_path, tiny_dir):
-    from scu_sweep import models
+    from scu_sweep.models import load as models
 
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
@@ -196,7 +196,7 @@ def test_pickles_beside_safetensors_are_never_touched(tmp_path, tiny_dir):
 
 
 def test_custom_model_code_is_refused(tmp_path, tiny_dir):
-    from scu_sweep import models
+    from scu_sweep.models import load as models
 
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
@@ -214,7 +214,7 @@ def test_custom_model_code_is_refused(tmp_path, tiny_dir):
 def test_custom_tokenizer_code_is_refused_without_a_prompt(tmp_path, tiny_dir, monkeypatch):
     """transformers asks "run the custom code? [y/N]" unless trust_remote_code is passed;
     here every prompt answers yes, so only an explicit False keeps the code from running."""
-    from scu_sweep import models
+    from scu_sweep.models import load as models
 
     prompts = []
     monkeypatch.setattr(builtins, "input", lambda *a: prompts.append(a) or "y")
@@ -236,7 +236,7 @@ def test_custom_tokenizer_code_is_refused_without_a_prompt(tmp_path, tiny_dir, m
 
 
 def test_gguf_reader_accepts_only_gguf_files(tmp_path):
-    from scu_sweep import gguf
+    from scu_sweep.models import gguf
 
     marker = tmp_path / "UNPICKLED"
     with pytest.raises(ConfigError, match=r"^model\.gguf=.*not a \.gguf file"):
@@ -271,7 +271,7 @@ def test_data_path_script_or_pickle_is_refused(tmp_path, suffix):
 def test_a_script_among_good_files_is_refused_before_any_read(tmp_path, monkeypatch):
     import datasets
 
-    from scu_sweep.data import iter_texts
+    from scu_sweep.training.data import iter_texts
 
     good = tmp_path / "a.txt"
     good.write_text("hello\n" * 100)
@@ -287,7 +287,7 @@ def test_a_script_among_good_files_is_refused_before_any_read(tmp_path, monkeypa
 def test_datasets_gets_packaged_builders_and_trust_remote_code_false(tmp_path, monkeypatch):
     import datasets
 
-    from scu_sweep.data import _stream_dataset, iter_texts
+    from scu_sweep.training.data import _stream_dataset, iter_texts
 
     calls = []
 
@@ -310,7 +310,7 @@ def test_datasets_gets_packaged_builders_and_trust_remote_code_false(tmp_path, m
 def test_stream_source_with_a_script_or_pickle_is_refused(tmp_path, layout, monkeypatch):
     import datasets
 
-    from scu_sweep.data import iter_texts
+    from scu_sweep.training.data import iter_texts
 
     marker = tmp_path / "RAN"
     folder = tmp_path / "my_corpus"
@@ -346,7 +346,7 @@ STORAGE_URL = f"postgresql://scu:{URL_PASSWORD}@db.example.org:5432/optuna"
 
 
 def test_redact_text_and_scrub(monkeypatch):
-    from scu_sweep.sinks import redact_text, scrub
+    from scu_sweep.redact import redact_text, scrub
 
     for k, v in SECRETS.items():
         monkeypatch.setenv(k, v)
@@ -368,7 +368,7 @@ def test_model_card_is_scrubbed(tmp_path, monkeypatch):
     import numpy as np
     from safetensors.numpy import save_file
 
-    from scu_sweep.card import write_model_card
+    from scu_sweep.tracking.card import write_model_card
 
     monkeypatch.setenv("HF_TOKEN", SECRETS["HF_TOKEN"])
     adir = tmp_path / "adapters"
@@ -465,7 +465,7 @@ def test_summary_overrides_are_scrubbed(secret_run):
 
 
 def test_sweep_report_overrides_are_scrubbed(tmp_path):
-    from scu_sweep.report import write_sweep_report
+    from scu_sweep.tracking.report import write_sweep_report
 
     job = tmp_path / "0"
     (job / ".hydra").mkdir(parents=True)

@@ -1,6 +1,6 @@
 import json
 
-from scu_sweep.saturation import SaturationConfig, SaturationDetector
+from scu_sweep.scu.saturation import SaturationConfig, SaturationDetector
 
 T = 0.03
 

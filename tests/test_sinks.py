@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from scu_sweep import sinks as sk
+from scu_sweep.redact import scrub
+from scu_sweep.tracking import progress, sinks as sk, wandb_sink
 
 FAKE_KEY = "f" * 8 + "0123456789abcdef0123456789abcdef"
 
@@ -58,7 +59,7 @@ def test_jsonl_flushed_per_line_and_nan_as_null(tmp_path):
 
 
 def test_quiet_progress_every_n_steps(caplog):
-    p = sk.ProgressSink("job 3", total=30, target=0.03, tty=False, every=10)
+    p = progress.ProgressSink("job 3", total=30, target=0.03, tty=False, every=10)
     with caplog.at_level(logging.INFO, logger="scu_sweep.progress"):
         for i in range(1, 31):
             p.log(_row(i))
@@ -75,7 +76,7 @@ def test_quiet_progress_every_n_steps(caplog):
 ])
 def test_rich_progress_fields(monkeypatch, columns, info):
     monkeypatch.setenv("COLUMNS", str(columns))
-    p = sk.ProgressSink("run", total=30, target=0.05, tty=True)
+    p = progress.ProgressSink("run", total=30, target=0.05, tty=True)
     p.log(_row(6))
     task = p._bar.tasks[0]
     assert task.completed == 6 and task.total == 30 and task.fields["info"] == info
@@ -91,7 +92,7 @@ def test_scrub_keys_and_env_values(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijkl")
     cfg = {"a": {"api_key": "x", "hf_token": "y", "max_tokens": 5, "path": "hf_abcdefghijkl"},
            "tags": ["ok", "hf_abcdefghijkl"], "password": "p", "tokens_seen": 3}
-    assert sk.scrub(cfg) == {"a": {"max_tokens": 5}, "tags": ["ok"], "tokens_seen": 3}
+    assert scrub(cfg) == {"a": {"max_tokens": 5}, "tags": ["ok"], "tokens_seen": 3}
 
 
 def test_sweep_dir_fallback_and_group(tmp_path):
@@ -100,8 +101,8 @@ def test_sweep_dir_fallback_and_group(tmp_path):
     assert sk.sweep_dir(sweep / "3") is None  # no multirun.yaml: a single run
     (sweep / "multirun.yaml").write_text("{}\n")
     assert sk.sweep_dir(sweep / "3") == sweep
-    assert sk.group_name(sweep) == "2026-11-25_15-31-46"
-    assert sk.group_name(tmp_path / "my_sweep") == "my_sweep"
+    assert wandb_sink.group_name(sweep) == "2026-11-25_15-31-46"
+    assert wandb_sink.group_name(tmp_path / "my_sweep") == "my_sweep"
 
 
 def test_make_sinks_none_writes_plot_and_card(tmp_path):

@@ -22,7 +22,7 @@ def test_seed_preset_composes_with_the_seed_numbers():
 
 
 def test_model_path_loads_a_local_mlx_lm_dir(tmp_path):
-    from scu_sweep.models import tiny_model_dir
+    from scu_sweep.models.tiny import tiny_model_dir
 
     cfg = compose_cfg(["model=tiny"])
     local = tmp_path / "my_model"
@@ -59,8 +59,8 @@ def fineweb_standin(tmp_path):
 
 
 def test_fineweb_streams_a_token_budget(fineweb_standin):
-    from scu_sweep.data import load_corpus
-    from scu_sweep.models import load
+    from scu_sweep.training.data import load_corpus
+    from scu_sweep.models.load import load
 
     cfg = compose_cfg(["model=tiny", "data=fineweb_edu", f"data.hf_path={fineweb_standin}", "data.hf_name=null",
                        "data.max_tokens=5000", "data.val_fraction=0.1", "train.seq_len=64"])
@@ -83,8 +83,8 @@ def test_fineweb_budget_smaller_than_a_sequence_is_refused(fineweb_standin, tmp_
 
 
 def test_text_files_jsonl_and_split_is_deterministic(tmp_path):
-    from scu_sweep.data import load_corpus
-    from scu_sweep.models import load
+    from scu_sweep.training.data import load_corpus
+    from scu_sweep.models.load import load
 
     f = tmp_path / "c.jsonl"
     f.write_text("\n".join(json.dumps({"body": " ".join(f"w{i}.{j}" for j in range(40))}) for i in range(30)))
@@ -100,7 +100,7 @@ def test_a_split_that_leaves_no_training_block_is_refused():
     import numpy as np
 
     from scu_sweep.config import ConfigError
-    from scu_sweep.data import split
+    from scu_sweep.training.data import split
 
     blocks = np.arange(2 * 9, dtype=np.int32).reshape(2, 9)
     assert split(blocks, 0.5, 0).train.shape == (1, 9)

@@ -363,7 +363,7 @@ def test_telling_a_trial_another_process_finished_keeps_the_sweep_going(tmp_path
     warning, not an exception that would end this sweep."""
     from hydra_plugins.scu_optuna_sweeper._impl import OptunaSweeperImpl
     from hydra_plugins.scu_optuna_sweeper._verdict import Verdict
-    from scu_sweep.pruning import open_storage
+    from scu_sweep.sweeps.pruning import open_storage
 
     storage = f"sqlite:///{tmp_path}/o.db"
     sweeper = OptunaSweeperImpl.__new__(OptunaSweeperImpl)

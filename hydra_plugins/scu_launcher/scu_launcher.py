@@ -27,6 +27,6 @@ class ScuWorkersLauncher(joblib_launcher.JoblibLauncher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
-        from . import _core
+        from . import _core  # lazy: loky loads on the first launch, not whenever Hydra scans plugins
 
         return _core.launch(self, job_overrides, initial_job_idx)

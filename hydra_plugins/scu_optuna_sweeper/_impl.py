@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from scu_sweep import pruning
-from scu_sweep.resume import process_token, token_alive
+from scu_sweep.sweeps import pruning
+from scu_sweep.sweeps.resume import process_token, token_alive
 
 from ._space import format_value, grid, quote, search_space
 from ._verdict import Verdict, judge, write_json

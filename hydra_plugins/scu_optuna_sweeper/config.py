@@ -44,7 +44,7 @@ class GridSamplerConf:
     # the grid itself comes from `params` (choice/range only); n_trials is capped at its size
 
 
-# --- pruners: rebuilt inside each job from the study's storage (see scu_sweep.pruning).
+# --- pruners: rebuilt inside each job from the study's storage (see scu_sweep.sweeps.pruning).
 
 
 @dataclass

@@ -18,7 +18,7 @@ class OptunaSweeper(Sweeper):
 
     def __init__(self, sampler: Any, pruner: Any, params: Optional[Dict[str, Any]] = None,
                  **kwargs: Any) -> None:
-        from ._impl import OptunaSweeperImpl
+        from ._impl import OptunaSweeperImpl  # lazy: Optuna loads only when this sweeper is used
 
         with _one_line_errors():
             self._impl = OptunaSweeperImpl(sampler=sampler, pruner=pruner, params=params, **kwargs)
@@ -35,7 +35,7 @@ class OptunaSweeper(Sweeper):
 @contextlib.contextmanager
 def _one_line_errors() -> Iterator[None]:
     """A bad ``hydra.sweeper.*`` value: one line on stderr and exit 2, as for the run's own keys."""
-    from ._impl import SweeperConfigError
+    from ._impl import SweeperConfigError  # lazy, as above
 
     try:
         yield

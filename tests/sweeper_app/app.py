@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from scu_sweep.pruning import make_reporter
+from scu_sweep.sweeps.pruning import make_reporter
 
 
 def _write(path: Path, data: dict) -> None:

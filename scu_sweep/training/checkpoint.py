@@ -24,7 +24,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .records import atomic_write_json, fsync_path
+from ..records import atomic_write_json, fsync_path
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest.json"

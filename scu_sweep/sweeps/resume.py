@@ -10,7 +10,8 @@ Two halves:
   is not run again; a checkpoint of the same config is continued; anything else starts
   afresh and drops the stale files.
 
-Stdlib only, apart from ``checkpoint`` (MLX), imported where a checkpoint is read.
+Stdlib, OmegaConf and the config schema (``plain_config``) only, apart from ``checkpoint`` (MLX),
+imported where a checkpoint is read.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from .records import FAILURE_FILE, METRICS_FILE, SUMMARY_FILE, atomic_write_text, read_json, read_jsonl
+from omegaconf import OmegaConf
+
+from ..config import plain_config
+from ..records import FAILURE_FILE, METRICS_FILE, SUMMARY_FILE, atomic_write_text, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,6 @@ _IGNORED_TRAIN = ("resume", "checkpoint_every")
 
 def fingerprint(cfg: Any) -> str:
     """sha256 of everything that decides a run's numbers (not logging, pruning links, resume keys)."""
-    from .sinks import plain_config
-
     c = {k: v for k, v in plain_config(cfg).items() if k not in _IGNORED and k != "hydra"}
     c["train"] = {k: v for k, v in c.get("train", {}).items() if k not in _IGNORED_TRAIN}
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -57,7 +59,7 @@ def checkpoint_to_resume(cfg: Any, run_dir: Path, fp: str):
     """The latest checkpoint in ``run_dir`` written by this config (resume=auto), else None."""
     if cfg.train.resume != "auto":
         return None
-    from . import checkpoint
+    from ..training import checkpoint  # lazy: MLX; Hydra resolves the run dir through this module
 
     ckpt = checkpoint.latest(run_dir)
     if ckpt is not None and ckpt.state.get("config_hash") != fp:
@@ -80,7 +82,7 @@ def prepare_run_dir(run_dir: Path, ckpt) -> None:
         keep = [r for r in read_jsonl(metrics) if ckpt is not None and r.get("step", 0) <= ckpt.step]
         atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in keep))
     if ckpt is None:
-        from . import checkpoint
+        from ..training import checkpoint  # lazy: MLX; Hydra resolves the run dir through this module
 
         checkpoint.remove(run_dir)
 
@@ -154,7 +156,7 @@ def _locked(directory: Path) -> bool:
 
 def _overrides_of(directory: Path, kind: str) -> Optional[list]:
     """The task overrides an earlier run (``.hydra/overrides.yaml``) or sweep (``multirun.yaml``) was given."""
-    import yaml
+    import yaml  # lazy: only when earlier dirs are looked at
 
     try:
         if kind == "sweep":
@@ -188,7 +190,7 @@ def resume_dir(kind: str, root: str, fresh: str, overrides: list, resume: str) -
 
 def command_overrides(argv: list) -> tuple:
     """(task overrides, train.resume) of a ``python -m scu_sweep ARGV`` command line."""
-    from hydra._internal.utils import get_args_parser
+    from hydra._internal.utils import get_args_parser  # lazy: only when the resolver runs
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args, _ = get_args_parser().parse_known_args(argv)
@@ -210,7 +212,5 @@ def _resolver(kind: str, root: str, fresh: str) -> str:
 
 def register_resolver() -> None:
     """Cached: a sweep's jobs (and spawned workers) reuse the parent's resolved value."""
-    from omegaconf import OmegaConf
-
     if not OmegaConf.has_resolver(RESOLVER):
         OmegaConf.register_new_resolver(RESOLVER, _resolver, use_cache=True)

@@ -18,7 +18,8 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from .config import ConfigError
+from ..config import ConfigError
+from .safe_load import mlx_lm_load
 
 GROUP_SIZE = 32  # block size of GGUF's Q4_0, Q4_1 and Q8_0
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types that are added tokens
@@ -244,10 +245,8 @@ def _dense(module: nn.Module) -> nn.Module:
 
 def load(model_dir, dequantize: bool = True, **mlx_lm_kwargs):
     """``mlx_lm.load`` a converted directory (``adapter_path=`` etc. pass through; custom
-    code stays off, see `scu_sweep.models.mlx_lm_load`); fp32 via `dequantize_fp32` unless
+    code stays off, see `scu_sweep.models.safe_load`); fp32 via `dequantize_fp32` unless
     ``dequantize=False`` (keep 4-bit for Metal/CUDA)."""
-    from .models import mlx_lm_load
-
     model, tokenizer = mlx_lm_load(str(model_dir), **mlx_lm_kwargs)
     if dequantize:
         dequantize_fp32(model)

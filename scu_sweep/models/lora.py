@@ -10,8 +10,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from .config import ConfigError
-from .records import atomic_replace, atomic_write_text
+from ..config import ConfigError
+from ..records import atomic_replace, atomic_write_text
 
 
 def _block_linear_names(model) -> list:

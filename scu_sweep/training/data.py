@@ -13,9 +13,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .config import ConfigError
-from .records import PICKLE_SUFFIXES
-from .sinks import redact_text
+from ..config import ConfigError
+from ..records import PICKLE_SUFFIXES
+from ..redact import redact_text
 
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 

@@ -13,14 +13,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from . import mdl
-from .controller import ControllerConfig, ControllerState, initial_state
-from .controller import step as control_step
+from ..models.lora import sum_sq
+from ..records import StopReason
+from ..scu import mdl
+from ..scu.controller import ControllerConfig, ControllerState, initial_state
+from ..scu.controller import step as control_step
+from ..scu.saturation import SaturationConfig, SaturationDetector
+from . import checkpoint
 from .data import Corpus, batch_indices, val_batches
-from .lora import sum_sq
 from .losses import causal_lm_loss
-from .records import StopReason
-from .saturation import SaturationConfig, SaturationDetector
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,6 @@ def _any_rank(flag: bool, group) -> bool:
 
 def _restore(ckpt, model, optimizer, detector) -> dict:
     """Put a checkpoint's weights, optimizer and detector back; return its loop state."""
-    from . import checkpoint
-
     checkpoint.restore(ckpt, model, optimizer)
     detector.load_state(ckpt.state["detector"])
     log.info("resuming from the checkpoint of step %d", ckpt.step)
@@ -167,7 +166,7 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
 
     ``group``: an ``mx.distributed`` group; each rank trains on its rows of every batch.
     ``run_dir``: where rank 0 writes a checkpoint every ``train.checkpoint_every`` steps;
-    ``resume_from``: a checkpoint (scu_sweep.checkpoint) to continue from; ``config_hash``
+    ``resume_from``: a checkpoint (scu_sweep.training.checkpoint) to continue from; ``config_hash``
     (resume.fingerprint of ``cfg``) goes into each checkpoint, so only this config resumes it.
     """
     tc = cfg.train
@@ -233,8 +232,6 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
             stop, sat_step = StopReason.SATURATED, step
             break
         if run_dir is not None and rank == 0 and tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
-            from . import checkpoint
-
             checkpoint.save(run_dir, step, model, optimizer, {
                 "config_hash": config_hash, "controller": state.to_dict(), "detector": detector.state_dict(), "best": best,
                 "unreachable": unreachable, "row": row, "wall_s": wall, "started_at": started_at,
