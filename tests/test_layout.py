@@ -123,22 +123,23 @@ def find_cycle(g: dict) -> list | None:
     return None
 
 
-def layer(module: str) -> int:
-    """Index in LAYERS of the most specific prefix that names ``module``."""
+def layer(module: str) -> int | None:
+    """Index in LAYERS of the most specific prefix that names ``module``; None if none does."""
     best = None
     for i, (_, prefixes) in enumerate(LAYERS):
         for p in prefixes:
             inside = module == p or (p != "scu_sweep" and module.startswith(p + "."))  # new modules need a layer
             if inside and (best is None or len(p) > best[1]):
                 best = (i, len(p))
-    assert best is not None, f"{module}: in no layer; add it to LAYERS and to the README's code map"
-    return best[0]
+    return None if best is None else best[0]
 
 
 def violations(g: dict) -> list:
     bad = []
     for src, dsts in sorted(g.items()):
         for dst in sorted(dsts):
+            if layer(src) is None or layer(dst) is None:
+                continue  # test_every_module_has_a_layer names it
             if layer(dst) > layer(src):
                 bad.append(f"{src} ({LAYERS[layer(src)][0]}) imports {dst} ({LAYERS[layer(dst)][0]})")
             elif src.startswith("scu_sweep.scu.") and not dst.startswith("scu_sweep.scu."):
@@ -173,8 +174,10 @@ def test_layers_import_only_downwards(everywhere):
 
 
 def test_every_module_has_a_layer():
-    for m in modules():
-        layer(m)
+    unplaced = [m for m in modules() if layer(m) is None]
+    assert not unplaced, f"in no layer: {unplaced}; add them to LAYERS and to the README's code map"
+    assert layer("scu_sweep.a_new_module") is None  # a new top-level module is not placed by default
+    assert layer("scu_sweep.tracking.a_new_module") == layer("scu_sweep.tracking.report")
 
 
 def test_subpackages_import_nothing_on_their_own():
