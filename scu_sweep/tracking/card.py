@@ -9,6 +9,7 @@ from typing import Any
 
 from ..records import atomic_write_text, read_json
 from ..redact import redact_text, scrub
+from ..scu.mdl import param_bpt
 from .run_files import read_metrics, run_config
 
 NEAR_ZERO = 1e-4  # |w| below this counts as near zero
@@ -46,7 +47,7 @@ def parameter_analysis(adapter_dir: Path, sigma: float | None = None,
            "top_modules_by_l2": [{k: r[k] for k in ("module", "l2", "count")}
                                  for r in per_module[:TOP_K]]}
     if sigma and train_tokens:  # ParamBPT = Σw² / (2σ²N ln 2), DESIGN §2
-        out["param_bpt"] = overall["sum_sq"] / (2 * sigma ** 2 * train_tokens * math.log(2))
+        out["param_bpt"] = param_bpt(overall["sum_sq"], sigma, train_tokens)
     return out
 
 
