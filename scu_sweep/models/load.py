@@ -77,8 +77,7 @@ def load(model_cfg):
         raise ConfigError(redact_text(
             f"model.path={ref!r}: could not be loaded by mlx-lm ({type(e).__name__}: {first}); {_MODEL_ALLOWED}")) from e
     if not keep_quantized(model_cfg.quantized):
-        dequantize_fp32(model)
-        model.set_dtype(mx.float32)  # CPU: fp16/bf16 matmuls get no BLAS
+        dequantize_fp32(model)  # also casts every other float to fp32: CPU fp16/bf16 matmuls get no BLAS
         install_fast_ops(model)  # SwiGLU and attention softmax with the vectorised exp (fast_ops.py)
     return model, tokenizer, ref
 
