@@ -344,6 +344,31 @@ def test_a_named_study_resumes_and_refuses_when_told_to(tmp_path):
     assert proc.returncode != 0 and "already exists" in proc.stderr
 
 
+def test_trials_a_live_worker_finished_are_not_counted_as_finished_before(tmp_path):
+    """Workers sharing a sweep dir (launchers/local_workers.sh) each run their own n_trials:
+    a trial another live worker finished is its, one whose process is gone counts (resume)."""
+    import subprocess
+
+    from hydra_plugins.scu_optuna_sweeper._impl import OWNER_ATTR, SWEEP_ATTR
+    from scu_sweep.sweeps.resume import process_token
+
+    sw, storage = tmp_path / "sw", f"sqlite:///{tmp_path}/shared.db"
+    live, gone = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
+    tokens = {"live": process_token(live.pid), "gone": process_token(gone.pid)}
+    gone.kill(), gone.wait()
+    study = optuna.create_study(study_name="w", storage=storage)
+    for owner in tokens.values():
+        study.add_trial(optuna.trial.create_trial(
+            params={"x": 0.5}, distributions={"x": Float(0, 1)}, value=1.0,
+            user_attrs={SWEEP_ATTR: str(sw), OWNER_ATTR: owner}))
+    try:
+        h.run_app(sw, "x=interval(0,1)", "hydra.sweeper.n_trials=3", "steps=2",
+                  f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=w")
+    finally:
+        live.kill(), live.wait()
+    assert len(h.load_study(storage, "w").trials) == 2 + 2  # 3 minus the one of the gone process
+
+
 def test_bad_sweeper_settings_are_named_at_once(tmp_path):
     proc = h.run_app(tmp_path / "sw", "x=interval(0,1)", "hydra.sweeper.direction=up",
                      "hydra.sweeper.n_jobs=0", check=False)

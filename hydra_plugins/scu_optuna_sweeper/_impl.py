@@ -152,7 +152,7 @@ class OptunaSweeperImpl(Sweeper):
         """After a kill: this sweep dir's RUNNING trials whose sweep process is gone are marked
         interrupted, told FAIL and re-queued with their parameters (continuing in their job
         dir); those of a live process (or one on another host) are left alone. Returns how
-        many of this sweep dir's trials had finished."""
+        many of this sweep dir's trials had finished in processes that are gone."""
         done = 0
         for t in self.study.get_trials(deepcopy=False):
             running = t.state == optuna.trial.TrialState.RUNNING
@@ -161,8 +161,10 @@ class OptunaSweeperImpl(Sweeper):
             if t.user_attrs.get(SWEEP_ATTR) != str(self.sweep_dir) and not (self.private_storage and running):
                 continue
             owner = t.user_attrs.get(OWNER_ATTR)
-            if running and owner and token_alive(owner) is not False:
-                continue  # another live sweep process on this dir runs it (launchers/local_workers.sh)
+            if owner and token_alive(owner) is not False:
+                # another live sweep process on this dir runs it, or finished it as part of its own
+                # n_trials (launchers/local_workers.sh: workers start at slightly different times)
+                continue
             if running:
                 self.backend.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
                 self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
