@@ -13,7 +13,10 @@ have stopped) into ``outputs/control_response/<suite>``; then, per run, from ``m
 - raw S / Ŝ / val S band: min..max of (S − S*)/S* over the last third, S raw per step, Ŝ
   (what the controller holds), and S from ParamBPT and that evaluation's validation DataBPT;
 - stop: where the default saturation rule (replayed on the same rows) would have stopped, and
-  the raw S and Ŝ bands from there to 1.5× that step (what a run continued past its stop does).
+  the raw S and Ŝ bands from there to 1.5× that step (what a run continued past its stop does);
+- kept: the adapter saturation.keep=best_in_band keeps at that stop (the evaluation up to the
+  stop with S from validation in band and the lowest validation DataBPT): its step, that S
+  relative to the target, its ParamBPT and its validation DataBPT.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scu_sweep.records import read_jsonl  # noqa: E402
-from scu_sweep.scu.saturation import SaturationConfig, SaturationDetector  # noqa: E402
+from scu_sweep.scu.saturation import SaturationConfig, SaturationDetector, keeps  # noqa: E402
 
 SUITES = {
     "default": ["target_s=0.02,0.03,0.05"],
@@ -70,6 +73,15 @@ def replay_stop(rows: list, target: float, cfg: SaturationConfig, lambda_min: fl
     return None
 
 
+def replay_kept(evals: list, target: float, tol: float):
+    """The evaluation row keep=best_in_band keeps among ``evals`` (in step order), or None."""
+    kept = None
+    for r in evals:
+        if keeps(r["val_data_bpt"], r["param_bpt"], kept and kept["val_data_bpt"], target, tol):
+            kept = r
+    return kept
+
+
 def analyse(run_dir: Path, cfg: SaturationConfig) -> dict:
     import yaml
 
@@ -86,6 +98,7 @@ def analyse(run_dir: Path, cfg: SaturationConfig) -> dict:
     stop = replay_stop(rows, target, cfg, conf["controller"]["lambda_min"], conf["controller"]["lambda_max"])
     tail = [r for r in rows if stop is not None and stop < r["step"] <= 1.5 * stop]
     at_stop = [r for r in rows if stop is not None and r["step"] <= stop and "val_data_bpt" in r]
+    kept = replay_kept(at_stop, target, cfg.s_tolerance)
     return {
         "run": run_dir.name, "target": target, "lr": conf["train"]["lr"], "law": conf["controller"]["law"],
         "model": conf["model"]["name"], "steps": len(rows),
@@ -100,6 +113,8 @@ def analyse(run_dir: Path, cfg: SaturationConfig) -> dict:
         "s_val_at_stop": f"{100 * _rel(_val_s(at_stop[-1]), target):+.1f} %" if at_stop else "-",
         "after_raw": _band(_rel(r["s_ratio"], target) for r in tail),
         "after_hat": _band(_rel(r["s_ema"], target) for r in tail),
+        "kept": (f"{kept['step']} | {100 * _rel(_val_s(kept), target):+.1f} % | {kept['param_bpt']:.4f} | "
+                 f"{kept['val_data_bpt']:.3f}") if kept else "- | - | - | -",
         "val_bpt_end": next((r["val_data_bpt"] for r in reversed(rows) if "val_data_bpt" in r), None),
     }
 
@@ -108,13 +123,14 @@ def table(sweep: Path, cfg: SaturationConfig) -> str:
     runs = [sweep] if (sweep / "metrics.jsonl").is_file() else sorted(
         (d for d in sweep.iterdir() if (d / "metrics.jsonl").is_file()), key=lambda d: d.name)
     head = ("| model | law | lr | S* | rise | overshoot | settled | raw S, last third | Ŝ, last third | val S, last third | "
-            "λ end | stop (replayed) | val S at stop | raw S after stop | Ŝ after stop |")
+            "λ end | stop (replayed) | val S at stop | raw S after stop | Ŝ after stop | kept step | val S kept | "
+            "ParamBPT kept | val DataBPT kept |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for d in runs:
         a = analyse(d, cfg)
         lines.append(f"| {a['model']} | {a['law']} | {a['lr']:g} | {100 * a['target']:g} % | {a['rise']} | "
                      f"{a['overshoot']} | {a['settled']} | {a['raw']} | {a['hat']} | {a['val']} | {a['lambda_end']:.3g} | "
-                     f"{a['stop']} | {a['s_val_at_stop']} | {a['after_raw']} | {a['after_hat']} |")
+                     f"{a['stop']} | {a['s_val_at_stop']} | {a['after_raw']} | {a['after_hat']} | {a['kept']} |")
     return "\n".join(lines)
 
 

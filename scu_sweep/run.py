@@ -26,7 +26,8 @@ from .validation import validate
 
 log = logging.getLogger(__name__)
 
-_FINAL_KEYS = ("loss", "data_bpt", "param_bpt", "s_ratio", "s_ema", "lambda", "integral", "val_loss", "val_data_bpt")
+_FINAL_KEYS = ("loss", "data_bpt", "param_bpt", "s_ratio", "s_ema", "lambda", "integral", "val_loss", "val_data_bpt",
+               "val_s_ratio")
 
 
 class RunFailed(RuntimeError):
@@ -74,7 +75,7 @@ def fault(e: BaseException, cfg, run_dir: Path) -> tuple | None:
 
 
 def _summary(cfg, result: RunResult, corpus, n_params: int, adapter_dir: Path, base: str, overrides) -> dict:
-    final = {k: result.last_row.get(k) for k in _FINAL_KEYS}
+    final = {k: result.adapter_row.get(k) for k in _FINAL_KEYS}
     return {
         "target_s": float(cfg.target_s),
         "kp": float(cfg.controller.kp),
@@ -85,7 +86,8 @@ def _summary(cfg, result: RunResult, corpus, n_params: int, adapter_dir: Path, b
         "stop_reason": result.stop_reason.value,
         "prune_reason": result.prune_reason,
         "saturation_step": result.saturation_step,
-        "adapter_step": result.steps_run,
+        "adapter_step": result.adapter_row["step"],
+        "adapter_kept": result.kept,
         "steps_run": result.steps_run,
         "tokens_seen": result.tokens_seen,
         "train_tokens": corpus.train_tokens,

@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Union, get_args, get_origin, get_t
 
 from .config import ConfigError, SCUConfig
 from .scu.controller import ERRORS, LAWS, SMOOTHS
+from .scu.saturation import KEEP_RULES
 
 _CHOICES = {
     "model.source": ("tiny", "gguf", "mlx_lm"),
@@ -25,6 +26,7 @@ _CHOICES = {
     "controller.error": ERRORS,
     "controller.smooth": SMOOTHS,
     "saturation.lambda_change": ("relative", "absolute"),
+    "saturation.keep": KEEP_RULES,
 }
 
 _TINY_MIN_VOCAB = 260  # 256 byte tokens + the 4 specials of the offline byte tokenizer (models/tiny.py)

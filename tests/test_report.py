@@ -44,10 +44,11 @@ def _metrics(n=30, target=0.03):
 SUMMARY = {
     "target_s": 0.03, "kp": 0.8, "ki": 0.15, "prior_sigma": 0.1,
     "final": {"loss": 2.408, "data_bpt": 3.475, "param_bpt": 0.105, "s_ratio": 0.0293,
-              "s_ema": 0.03, "lambda": 0.87, "val_loss": 2.5, "val_data_bpt": 3.6},
+              "s_ema": 0.03, "lambda": 0.87, "val_loss": 2.5, "val_data_bpt": 3.6,
+              "val_s_ratio": 0.0283},
     "best": {"val_data_bpt": 3.55, "val_step": 20},
     "stop_reason": "saturated", "prune_reason": None, "saturation_step": 20,
-    "adapter_step": 20, "steps_run": 20, "tokens_seen": 10240, "wall_s": 12.5,
+    "adapter_step": 10, "steps_run": 20, "tokens_seen": 10240, "wall_s": 12.5,
     "tokens_per_s": 819.2, "overrides": ["target_s=0.03"],
 }
 
@@ -83,7 +84,7 @@ def test_sweep_csv_rows_and_values(sweep):
     assert ok["state"] == "ok" and ok["overrides"] == "target_s=0.03"
     assert ok["target_s"] == "0.03" and ok["kp"] == "0.8" and ok["prior_sigma"] == "0.1"
     assert ok["stop_reason"] == "saturated" and ok["prune_reason"] == ""
-    assert ok["saturation_step"] == "20" and ok["adapter_step"] == "20"
+    assert ok["saturation_step"] == "20" and ok["adapter_step"] == "10"
     assert ok["final_loss"] == "2.408" and ok["final_data_bpt"] == "3.475"
     assert ok["final_param_bpt"] == "0.105" and ok["final_s_ratio"] == "0.0293"
     assert ok["final_lambda"] == "0.87" and ok["final_val_data_bpt"] == "3.6"
@@ -117,7 +118,7 @@ def test_markdown_and_png(sweep):
     assert len(table) == 1 + 4  # header + one line per job
     assert table[1].startswith("| 0 |  |  | target_s=0.03 |")  # job 0: no trial
     assert "| 10 | 3 | PRUNED | target_s=0.2 |" in table[4]
-    assert "| 0.0293 | 0.87 |" in table[1]
+    assert "| saturated | 20 | 20 | 10 | 0.03 | 0.0293 | 0.0283 | 0.87 |" in table[1]  # kept step, S (val)
     from matplotlib.image import imread
 
     img = imread(sweep / "sweep_comparison.png")

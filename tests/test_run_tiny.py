@@ -76,6 +76,7 @@ def test_metrics_obey_their_formulas(cli_run):
         assert r["s_ratio"] == pytest.approx(r["param_bpt"] / (r["param_bpt"] + r["data_bpt"]), rel=1e-6)
         if "val_loss" in r:
             assert r["val_data_bpt"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-6)
+            assert r["val_s_ratio"] == pytest.approx(r["param_bpt"] / (r["param_bpt"] + r["val_data_bpt"]), rel=1e-6)
 
 
 def test_final_param_bpt_is_that_of_the_saved_adapter(cli_run):
@@ -88,6 +89,71 @@ def test_final_param_bpt_is_that_of_the_saved_adapter(cli_run):
     ssq = sum(float((np.array(v, dtype=np.float64) ** 2).sum()) for v in saved.values())
     expected = ssq / (2 * s["prior_sigma"] ** 2 * s["train_tokens"] * math.log(2))
     assert s["final"]["param_bpt"] == pytest.approx(expected, rel=1e-5)
+
+
+def _adapter(run_dir: Path) -> dict:
+    import mlx.core as mx
+    import numpy as np
+
+    return {k: np.array(v) for k, v in mx.load(str(run_dir / "adapters" / "adapters.safetensors")).items()}
+
+
+def test_the_kept_adapter_is_the_best_in_band_evaluation_and_survives_a_restart(tmp_path, monkeypatch):
+    """saturation.keep=best_in_band: of the evaluations whose S (ParamBPT over val DataBPT +
+    ParamBPT) is within s_tolerance of the target, the one with the lowest validation DataBPT;
+    its tensors are what is saved even though training went on, also across a restart."""
+    import numpy as np
+
+    import scu_sweep.run as run_mod
+    from scu_sweep.scu.saturation import keeps
+
+    # fixed λ: ParamBPT grows and val DataBPT falls, so S from validation drifts up through the run
+    common = ["controller.fixed=true", "controller.lambda_init=1e-3", "saturation.enabled=false",
+              "train.lr=3e-3", "train.checkpoint_every=5"]
+    last, rows = run_inproc(tmp_path / "last", common + ["saturation.keep=last"])
+    assert last["adapter_step"] == last["steps_run"] == 30 and last["adapter_kept"] == "last"
+    evals = [r for r in rows if "val_data_bpt" in r]
+    for r in evals:
+        assert r["val_s_ratio"] == pytest.approx(r["param_bpt"] / (r["param_bpt"] + r["val_data_bpt"]), rel=1e-9)
+    target = evals[0]["val_s_ratio"]  # step 10's S: later evaluations have drifted out of a 2 % band
+    kept = None
+    for r in evals:
+        if keeps(r["val_data_bpt"], r["param_bpt"], kept and kept["val_data_bpt"], target, 0.02):
+            kept = r
+    best_val = min(evals, key=lambda r: r["val_data_bpt"])
+    assert kept["step"] == 10 and best_val["step"] != 10  # neither the last nor the best overall
+
+    over = common + [f"target_s={target!r}", "saturation.s_tolerance=0.02"]
+    s, _ = run_inproc(tmp_path / "best", over)
+    assert s["adapter_kept"] == "best_in_band" and s["adapter_step"] == 10 and s["steps_run"] == 30
+    assert s["final"] == pytest.approx({k: kept.get(k) for k in s["final"]}, rel=1e-9)
+    saved = _adapter(tmp_path / "best")
+    ssq = sum(float((v.astype(np.float64) ** 2).sum()) for v in saved.values())
+    assert ssq / (2 * s["prior_sigma"] ** 2 * s["train_tokens"] * math.log(2)) == pytest.approx(
+        kept["param_bpt"], rel=1e-5)
+    assert kept["param_bpt"] < 0.99 * rows[-1]["param_bpt"]  # the step-30 tensors would not pass
+
+    real = run_mod.make_sinks
+
+    def crashing(*a, **k):  # dies at step 22, after the checkpoint of step 20 (which holds step 10's adapter)
+        sinks = real(*a, **k)
+        log = sinks.log
+
+        def log_row(row):
+            if row["step"] == 22:
+                raise KeyboardInterrupt
+            log(row)
+        sinks.log = log_row
+        return sinks
+
+    monkeypatch.setattr(run_mod, "make_sinks", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_inproc(tmp_path / "cut", over)
+    monkeypatch.setattr(run_mod, "make_sinks", real)
+    s2, _ = run_inproc(tmp_path / "cut", over)
+    assert s2["resumed_from_step"] == 20 and s2["adapter_step"] == 10
+    again = _adapter(tmp_path / "cut")
+    assert saved.keys() == again.keys() and all(np.array_equal(saved[k], again[k]) for k in saved)
 
 
 def test_same_seed_same_losses_other_seed_differs(tmp_path):

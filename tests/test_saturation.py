@@ -1,6 +1,6 @@
 import json
 
-from scu_sweep.scu.saturation import SaturationConfig, SaturationDetector
+from scu_sweep.scu.saturation import SaturationConfig, SaturationDetector, keeps
 
 T = 0.03
 
@@ -138,3 +138,16 @@ def test_a_restored_detector_continues_exactly_like_the_original():
         assert got[-1] == want and a.state_dict() == b.state_dict()
     assert b.best_val == 4.8 and b.evals_since_best == 3
     assert True in got and got != fresh_got  # the restored history decides when it stops
+
+
+def test_keeps_the_lowest_validation_among_adapters_that_hold_the_target():
+    # S from validation = ParamBPT / (val DataBPT + ParamBPT); target 3 %, tolerance 10 % relative
+    in_band = (3.0, 0.0928)  # S = 3.0 %
+    assert keeps(*in_band, None, 0.03, 0.1)  # the first in-band evaluation is kept
+    assert keeps(*in_band, 3.1, 0.03, 0.1) and not keeps(*in_band, 2.9, 0.03, 0.1)  # only if lower
+    assert not keeps(3.0, 0.0928, 3.0, 0.03, 0.1)  # a tie keeps the earlier adapter
+    assert not keeps(2.0, 0.0928, None, 0.03, 0.1)  # lower val, but S = 4.4 %: out of band
+    edge = 0.0326 * 3.0 / (1 - 0.0326)  # ParamBPT giving S = 3.26 % (+8.7 %): in at 10 %, out at 5 %
+    assert keeps(3.0, edge, None, 0.03, 0.1) and not keeps(3.0, edge, None, 0.03, 0.05)
+    tiny = 0.0008 * 3.0 / (1 - 0.0008)  # S = 0.08 % against 0.1 %: 0.02 pp off, but -20 % relative
+    assert not keeps(3.0, tiny, None, 0.001, 0.1) and keeps(3.0, tiny, None, 0.001, 0.25)

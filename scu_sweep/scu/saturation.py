@@ -19,10 +19,24 @@ class SaturationConfig:
     patience: int = 2
     min_delta: float = 0.0
     min_steps: int = 20
+    keep: str = "best_in_band"  # the adapter a run keeps: best_in_band | last (see keeps())
 
     @classmethod
     def from_mapping(cls, m) -> "SaturationConfig":
         return cls(**{k: m[k] for k in cls.__dataclass_fields__ if k in m})
+
+
+KEEP_RULES = ("best_in_band", "last")
+
+
+def keeps(val_data_bpt: float, param_bpt: float, kept_val: Optional[float], target: float, tol: float) -> bool:
+    """Whether an evaluated adapter replaces the kept one under ``keep=best_in_band``: S from
+    its ParamBPT and its validation DataBPT is within ``tol`` of the target (relative), and
+    its validation DataBPT is lower than the kept adapter's (Keras' restore_best_weights,
+    restricted to adapters that hold the target)."""
+    s_val = param_bpt / (val_data_bpt + param_bpt)
+    in_band = abs(s_val - target) <= tol * target
+    return in_band and (kept_val is None or val_data_bpt < kept_val)
 
 
 class SaturationDetector:

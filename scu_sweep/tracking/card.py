@@ -135,7 +135,8 @@ def write_model_card(run_dir: Path, adapter_dir: Path, summary: dict | None = No
               "regularisation strength λ so that S = ParamBPT / (DataBPT + ParamBPT) tracks "
               f"the target S* = {_f(summary.get('target_s'))}. Stop reason: "
               f"`{summary.get('stop_reason')}`; the adapter holds the weights of step "
-              f"{_f(summary.get('adapter_step'))}."), "", "## Base model and data", ""]
+              f"{_f(summary.get('adapter_step'))} (kept: `{summary.get('adapter_kept', 'last')}`)."),
+             "", "## Base model and data", ""]
     lines += _table(["item", "value"], [
         ["base model", f"`{base}`"], ["data", data],
         ["train tokens N", summary.get("train_tokens")], ["validation tokens", summary.get("val_tokens")],
@@ -159,6 +160,7 @@ def write_model_card(run_dir: Path, adapter_dir: Path, summary: dict | None = No
          ["ParamBPT (bits/token)", final.get("param_bpt")], ["S (fraction)", final.get("s_ratio")],
          ["λ", final.get("lambda")], ["val loss (nats/token)", final.get("val_loss")],
          ["val DataBPT", final.get("val_data_bpt")],
+         ["S from ParamBPT and val DataBPT", final.get("val_s_ratio")],
          [f"best val DataBPT (step {_f(best.get('val_step'))})", best.get("val_data_bpt")]])
     lines += ["", "## Training dynamics", ""] + _dynamics(metrics)
     lines += ["", "## Efficiency analysis", ""] + _efficiency(summary, cfg, metrics)

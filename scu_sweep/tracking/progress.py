@@ -61,7 +61,8 @@ class ProgressSink:
     def summary(self, summary: dict, adapter_dir: Path | None) -> None:
         final = summary.get("final") or {}
         line = (f"[{self.name}] done: {summary.get('stop_reason')} at step "
-                f"{summary.get('steps_run')} (saturation {summary.get('saturation_step')})  "
+                f"{summary.get('steps_run')} (saturation {summary.get('saturation_step')}), kept step "
+                f"{summary.get('adapter_step')} ({summary.get('adapter_kept')})  "
                 + _status(dict(final, tokens_per_s=summary.get("tokens_per_s")), self.target))
         if self._bar is not None and not log.isEnabledFor(logging.INFO):
             self._bar.console.print(line)

@@ -18,7 +18,7 @@ from ..redact import redact_text
 from .plots import plot_sweep
 from .run_files import read_yaml, run_config
 
-FINAL_KEYS = ("loss", "data_bpt", "param_bpt", "s_ratio", "lambda", "val_data_bpt")
+FINAL_KEYS = ("loss", "data_bpt", "param_bpt", "s_ratio", "lambda", "val_data_bpt", "val_s_ratio")
 COLUMNS = (
     ["job", "state", "overrides", "target_s", "kp", "ki", "prior_sigma", "stop_reason",
      "prune_reason", "saturation_step", "adapter_step", "steps_run"]
@@ -87,7 +87,8 @@ def write_markdown(rows: list[dict], path: Path, title: str) -> Path:
     """A Markdown table of the sweep, one line per job."""
     cols = [("job", "job"), ("overrides", "overrides"), ("state", "state"),
             ("stop_reason", "stop"), ("saturation_step", "sat. step"),
-            ("steps_run", "steps"), ("target_s", "S*"), ("final_s_ratio", "S"),
+            ("steps_run", "steps"), ("adapter_step", "kept step"), ("target_s", "S*"),
+            ("final_s_ratio", "S"), ("final_val_s_ratio", "S (val)"),
             ("final_lambda", "λ"), ("final_data_bpt", "DataBPT"),
             ("final_val_data_bpt", "val DataBPT"), ("best_val_data_bpt", "best val"),
             ("tokens_per_s", "tok/s")]

@@ -112,7 +112,7 @@ class WandbSink:
 
     def _artifact(self, summary: dict, adapter_dir: Path) -> None:
         meta = {k: summary.get(k) for k in ("model", "data", "target_s", "stop_reason",
-                                            "adapter_step", "saturation_step", "final")}
+                                            "adapter_step", "adapter_kept", "saturation_step", "final")}
         art = self._wandb.Artifact(f"scu-adapter-{self.run.id}", type="model",
                                    metadata=scrub(json_safe(meta)))
         for f in sorted(p for p in adapter_dir.iterdir() if p.is_file()):

@@ -2,7 +2,8 @@
 
 Layout inside a run dir::
 
-    checkpoints/step-000040/arrays.safetensors   adapter weights ("adapter.*") + optimizer state ("optimizer.*")
+    checkpoints/step-000040/arrays.safetensors   adapter weights ("adapter.*"), optimizer state ("optimizer.*"),
+                                                 the adapter the run keeps so far ("kept.*", saturation.keep)
     checkpoints/step-000040/state.json           step, controller, saturation detector, best, last row, ...
     checkpoints/latest.json                      {"step": 40, "dir": "step-000040"}: the commit point
 
@@ -37,8 +38,10 @@ class Checkpoint:
     state: dict  # JSON state of the loop
 
 
-def save(run_dir: Path, step: int, model, optimizer, state: dict) -> Path:
-    """Write checkpoint ``step`` and make it the latest; returns its directory."""
+def save(run_dir: Path, step: int, model, optimizer, state: dict, kept: Optional[dict] = None) -> Path:
+    """Write checkpoint ``step`` and make it the latest; returns its directory.
+
+    ``kept``: the adapter arrays the run would keep if it ended now (saturation.keep)."""
     root = Path(run_dir) / CKPT_DIR
     d = root / f"step-{step:06d}"
     if d.exists():  # a half-written leftover of a killed save
@@ -46,6 +49,7 @@ def save(run_dir: Path, step: int, model, optimizer, state: dict) -> Path:
     d.mkdir(parents=True)
     arrays = {f"adapter.{k}": v for k, v in tree_flatten(model.trainable_parameters())}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+    arrays.update({f"kept.{k}": v for k, v in (kept or {}).items()})
     mx.save_safetensors(str(d / "arrays.safetensors"), arrays)
     fsync_path(d / "arrays.safetensors")
     atomic_write_json(d / "state.json", dict(state, step=step))
@@ -75,13 +79,17 @@ def restore(ckpt: Checkpoint, model, optimizer) -> None:
 
     In place matters: the compiled step holds ``optimizer.state`` as a compile input.
     """
-    adapter = [(k[len("adapter."):], v) for k, v in ckpt.arrays.items() if k.startswith("adapter.")]
-    opt = [(k[len("optimizer."):], v) for k, v in ckpt.arrays.items() if k.startswith("optimizer.")]
-    model.load_weights(adapter, strict=False)
+    model.load_weights(list(arrays_under(ckpt, "adapter").items()), strict=False)
     optimizer.init(model.trainable_parameters())
-    for path, value in opt:
+    for path, value in arrays_under(ckpt, "optimizer").items():
         _set_leaf(optimizer.state, path.split("."), value)
     mx.eval(model.parameters(), optimizer.state)
+
+
+def arrays_under(ckpt: Checkpoint, prefix: str) -> dict:
+    """The checkpoint's arrays saved under ``prefix`` (adapter, optimizer, kept), names without it."""
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in ckpt.arrays.items() if k.startswith(prefix + ".")}
 
 
 def _set_leaf(tree, keys: list, value) -> None:

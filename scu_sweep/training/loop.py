@@ -12,13 +12,14 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.utils import tree_flatten
 
 from ..models.lora import sum_sq
 from ..records import StopReason
 from ..scu import mdl
 from ..scu.controller import ControllerConfig, ControllerState, initial_state
 from ..scu.controller import step as control_step
-from ..scu.saturation import SaturationConfig, SaturationDetector
+from ..scu.saturation import SaturationConfig, SaturationDetector, keeps
 from . import checkpoint
 from .data import Corpus, batch_indices, val_batches
 from .losses import causal_lm_loss
@@ -107,6 +108,8 @@ class RunResult:
     stop_reason: StopReason
     steps_run: int
     last_row: dict
+    adapter_row: dict  # the metrics row (with validation) of the weights the model now holds
+    kept: str = "last"  # which rule chose them: best_in_band, or last (no evaluation was in band)
     prune_reason: Optional[str] = None
     saturation_step: Optional[int] = None
     unreachable: Optional[dict] = None
@@ -140,9 +143,20 @@ def _evaluate_into(row: dict, best: dict, model, eval_ce, corpus: Corpus, tc, gr
     """Add val_loss / val_data_bpt to ``row``; return the updated best-validation record."""
     val_ce = evaluate(model, eval_ce, corpus, tc.batch_size, tc.val_batches, group)
     row.update(val_loss=val_ce, val_data_bpt=mdl.data_bpt(val_ce))
+    row.update(val_s_ratio=mdl.s_ratio(row["val_data_bpt"], row["param_bpt"]))
     if not best or row["val_data_bpt"] < best["val_data_bpt"]:
         return {"val_data_bpt": row["val_data_bpt"], "val_loss": val_ce, "val_step": row["step"]}
     return best
+
+
+def _keep(kept: Optional[tuple], row: dict, model, target: float, scfg: SaturationConfig) -> Optional[tuple]:
+    """(row, adapter arrays) of the adapter to keep after evaluating ``row`` (keep=best_in_band).
+
+    MLX arrays are immutable and every step makes new ones, so holding references is a snapshot."""
+    if scfg.keep == "best_in_band" and keeps(row["val_data_bpt"], row["param_bpt"], kept and kept[0]["val_data_bpt"],
+                                             target, scfg.s_tolerance):
+        return dict(row), dict(tree_flatten(model.trainable_parameters()))
+    return kept
 
 
 def _any_rank(flag: bool, group) -> bool:
@@ -152,12 +166,13 @@ def _any_rank(flag: bool, group) -> bool:
     return mx.distributed.all_sum(mx.array(float(flag)), group=group).item() > 0
 
 
-def _restore(ckpt, model, optimizer, detector) -> dict:
-    """Put a checkpoint's weights, optimizer and detector back; return its loop state."""
+def _restore(ckpt, model, optimizer, detector) -> tuple:
+    """Put a checkpoint's weights, optimizer and detector back; return its loop state and kept adapter."""
     checkpoint.restore(ckpt, model, optimizer)
     detector.load_state(ckpt.state["detector"])
     log.info("resuming from the checkpoint of step %d", ckpt.step)
-    return ckpt.state
+    kept_row = ckpt.state.get("kept_row")
+    return ckpt.state, (kept_row, checkpoint.arrays_under(ckpt, "kept")) if kept_row else None
 
 
 def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=None, group=None,
@@ -172,11 +187,12 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
     tc = cfg.train
     target = float(cfg.target_s)
     ccfg = ControllerConfig.from_mapping(cfg.controller)
-    detector = SaturationDetector(SaturationConfig.from_mapping(cfg.saturation), target, ccfg.lambda_min, ccfg.lambda_max)
+    scfg = SaturationConfig.from_mapping(cfg.saturation)
+    detector = SaturationDetector(scfg, target, ccfg.lambda_min, ccfg.lambda_max)
     coef = mdl.penalty_coef(cfg.prior.sigma, corpus.train_tokens)
     optimizer = make_optimizer(tc)
     rank, size = rank_size(group)
-    resumed = _restore(resume_from, model, optimizer, detector) if resume_from is not None else {}
+    resumed, kept = _restore(resume_from, model, optimizer, detector) if resume_from is not None else ({}, None)
     step_fn = make_train_step(model, optimizer, coef, group)
     in_study = bool(cfg.pruning.storage)
     eval_ce = mx.compile(partial(ce_loss, model), inputs=model.state)
@@ -209,9 +225,11 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
         if evaluate_now:
             best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
             detector.observe_val(row["val_data_bpt"])
+            kept = _keep(kept, row, model, target, scfg)
         done = state.steps % ccfg.control_every == 0 and detector.update(step, state.lam, state.s_ema)
-        if done and not evaluate_now:  # the kept adapter gets its own validation
+        if done and not evaluate_now:  # the stop's weights get their own validation
             best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
+            kept = _keep(kept, row, model, target, scfg)
             evaluate_now = True
         if evaluate_now or step % tc.log_every == 0:
             log_row(row)
@@ -235,11 +253,21 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
             checkpoint.save(run_dir, step, model, optimizer, {
                 "config_hash": config_hash, "controller": state.to_dict(), "detector": detector.state_dict(), "best": best,
                 "unreachable": unreachable, "row": row, "wall_s": wall, "started_at": started_at,
-                "bits_start": bits_start})
+                "bits_start": bits_start, "kept_row": kept and kept[0]}, kept=kept and kept[1])
     if "val_data_bpt" not in row:  # pruned between evaluations
         best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
+        kept = _keep(kept, row, model, target, scfg)
+    adapter_row = row
+    if kept is not None:
+        adapter_row = kept[0]
+        if adapter_row["step"] != row["step"]:
+            model.load_weights(list(kept[1].items()), strict=False)
+            mx.eval(model.parameters())
+            log.info("keeping the adapter of step %d (S from validation %.4g, validation DataBPT %.4f)",
+                     adapter_row["step"], adapter_row["val_s_ratio"], adapter_row["val_data_bpt"])
     return RunResult(
-        stop_reason=stop, steps_run=row["step"], last_row=row, prune_reason=prune_reason,
+        stop_reason=stop, steps_run=row["step"], last_row=row, adapter_row=adapter_row,
+        kept="best_in_band" if kept is not None else "last", prune_reason=prune_reason,
         saturation_step=sat_step, unreachable=unreachable, best=best,
         wall_s=wall0 + time.perf_counter() - t0, started_at=started_at, tokens_seen=row["tokens"], controller=state,
     )
