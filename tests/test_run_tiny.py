@@ -79,23 +79,23 @@ def test_metrics_obey_their_formulas(cli_run):
             assert r["val_s_ratio"] == pytest.approx(r["param_bpt"] / (r["param_bpt"] + r["val_data_bpt"]), rel=1e-6)
 
 
-def test_final_param_bpt_is_that_of_the_saved_adapter(cli_run):
-    """Row ParamBPT is taken after the step's update, so the kept adapter's tensors give it exactly."""
-    import mlx.core as mx
-    import numpy as np
-
-    s = json.loads((cli_run / "summary.json").read_text())
-    saved = mx.load(str(cli_run / "adapters" / "adapters.safetensors"))
-    ssq = sum(float((np.array(v, dtype=np.float64) ** 2).sum()) for v in saved.values())
-    expected = ssq / (2 * s["prior_sigma"] ** 2 * s["train_tokens"] * math.log(2))
-    assert s["final"]["param_bpt"] == pytest.approx(expected, rel=1e-5)
-
-
 def _adapter(run_dir: Path) -> dict:
     import mlx.core as mx
     import numpy as np
 
     return {k: np.array(v) for k, v in mx.load(str(run_dir / "adapters" / "adapters.safetensors")).items()}
+
+
+def _saved_param_bpt(run_dir: Path, summary: dict) -> float:
+    """ParamBPT of the tensors in the run's adapters.safetensors, in float64."""
+    ssq = sum(float((v.astype("float64") ** 2).sum()) for v in _adapter(run_dir).values())
+    return ssq / (2 * summary["prior_sigma"] ** 2 * summary["train_tokens"] * math.log(2))
+
+
+def test_final_param_bpt_is_that_of_the_saved_adapter(cli_run):
+    """Row ParamBPT is taken after the step's update, so the kept adapter's tensors give it exactly."""
+    s = json.loads((cli_run / "summary.json").read_text())
+    assert s["final"]["param_bpt"] == pytest.approx(_saved_param_bpt(cli_run, s), rel=1e-5)
 
 
 def test_the_kept_adapter_is_the_best_in_band_evaluation_and_survives_a_restart(tmp_path, monkeypatch):
@@ -127,10 +127,7 @@ def test_the_kept_adapter_is_the_best_in_band_evaluation_and_survives_a_restart(
     s, _ = run_inproc(tmp_path / "best", over)
     assert s["adapter_kept"] == "best_in_band" and s["adapter_step"] == 10 and s["steps_run"] == 30
     assert s["final"] == pytest.approx({k: kept.get(k) for k in s["final"]}, rel=1e-9)
-    saved = _adapter(tmp_path / "best")
-    ssq = sum(float((v.astype(np.float64) ** 2).sum()) for v in saved.values())
-    assert ssq / (2 * s["prior_sigma"] ** 2 * s["train_tokens"] * math.log(2)) == pytest.approx(
-        kept["param_bpt"], rel=1e-5)
+    assert _saved_param_bpt(tmp_path / "best", s) == pytest.approx(kept["param_bpt"], rel=1e-5)
     assert kept["param_bpt"] < 0.99 * rows[-1]["param_bpt"]  # the step-30 tensors would not pass
 
     real = run_mod.make_sinks
@@ -152,7 +149,7 @@ def test_the_kept_adapter_is_the_best_in_band_evaluation_and_survives_a_restart(
     monkeypatch.setattr(run_mod, "make_sinks", real)
     s2, _ = run_inproc(tmp_path / "cut", over)
     assert s2["resumed_from_step"] == 20 and s2["adapter_step"] == 10
-    again = _adapter(tmp_path / "cut")
+    saved, again = _adapter(tmp_path / "best"), _adapter(tmp_path / "cut")
     assert saved.keys() == again.keys() and all(np.array_equal(saved[k], again[k]) for k in saved)
 
 

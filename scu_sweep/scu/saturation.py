@@ -6,6 +6,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
+from .mdl import s_ratio
+
 
 @dataclass
 class SaturationConfig:
@@ -34,8 +36,7 @@ def keeps(val_data_bpt: float, param_bpt: float, kept_val: Optional[float], targ
     its ParamBPT and its validation DataBPT is within ``tol`` of the target (relative), and
     its validation DataBPT is lower than the kept adapter's (Keras' restore_best_weights,
     restricted to adapters that hold the target)."""
-    s_val = param_bpt / (val_data_bpt + param_bpt)
-    in_band = abs(s_val - target) <= tol * target
+    in_band = abs(s_ratio(val_data_bpt, param_bpt) - target) <= tol * target
     return in_band and (kept_val is None or val_data_bpt < kept_val)
 
 

@@ -107,7 +107,6 @@ def evaluate(model, eval_ce, corpus: Corpus, batch_size: int, n_batches: int, gr
 class RunResult:
     stop_reason: StopReason
     steps_run: int
-    last_row: dict
     adapter_row: dict  # the metrics row (with validation) of the weights the model now holds
     kept: str = "last"  # which rule chose them: best_in_band, or last (no evaluation was in band)
     prune_reason: Optional[str] = None
@@ -266,7 +265,7 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
             log.info("keeping the adapter of step %d (S from validation %.4g, validation DataBPT %.4f)",
                      adapter_row["step"], adapter_row["val_s_ratio"], adapter_row["val_data_bpt"])
     return RunResult(
-        stop_reason=stop, steps_run=row["step"], last_row=row, adapter_row=adapter_row,
+        stop_reason=stop, steps_run=row["step"], adapter_row=adapter_row,
         kept="best_in_band" if kept is not None else "last", prune_reason=prune_reason,
         saturation_step=sat_step, unreachable=unreachable, best=best,
         wall_s=wall0 + time.perf_counter() - t0, started_at=started_at, tokens_seen=row["tokens"], controller=state,
