@@ -153,6 +153,7 @@ ALONE = {
     "saturation.lambda_eps": _POS, "saturation.s_tolerance": _POS,
     "saturation.lambda_change": _is("relative", "absolute"), "saturation.min_delta": _NONNEG,
     "saturation.patience": _int_at_least(0), "saturation.min_steps": _int_at_least(0),
+    "saturation.keep": _is("best_in_band", "last"),
     **{f"train.{k}": _COUNT for k in ("steps", "batch_size", "seq_len", "eval_every", "val_batches", "log_every", "ranks")},
     "train.lr": _POS, "train.seed": _SEED, "train.diverge_factor": lambda v: _finite(v) and v > 1,
     "train.warmup_steps": _int_at_least(0, 2 ** 31),  # MLX's schedules count steps in int32
@@ -407,6 +408,7 @@ def test_fuzzed_overrides_fail_cleanly_or_are_valid():
     (["lora.num_layers=0"], "refused"),
     (["lora.num_layers=-2"], "refused"),
     (["saturation.min_steps=-1"], "refused"),
+    (["saturation.keep=best"], "refused"),
     (["model.max_seq_len=0"], "refused"),
     (["controller.i_max=inf"], "refused"),
     (["controller.i_max=-1"], "refused"),
