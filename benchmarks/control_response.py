@@ -16,12 +16,15 @@ have stopped) into ``outputs/control_response/<suite>``; then, per run, from ``m
   the raw S and Ŝ bands from there to 1.5× that step (what a run continued past its stop does);
 - kept: the adapter saturation.keep=best_in_band keeps at that stop (the evaluation up to the
   stop with S from validation in band and the lowest validation DataBPT): its step, that S
-  relative to the target, its ParamBPT and its validation DataBPT.
+  relative to the target, its ParamBPT and its validation DataBPT;
+- plateau: the best validation DataBPT up to the stop, and the best from there to 1.5× the stop
+  (a real plateau: the run continued gets no better).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -62,12 +65,13 @@ def _val_s(row: dict) -> float:
     return row["param_bpt"] / (row["val_data_bpt"] + row["param_bpt"])
 
 
-def replay_stop(rows: list, target: float, cfg: SaturationConfig, lambda_min: float, lambda_max: float):
+def replay_stop(rows: list, target: float, cfg: SaturationConfig, lambda_min: float, lambda_max: float,
+                steps_per_epoch: float):
     """The step where the saturation rule (with ``cfg``) would have stopped these rows, or None."""
-    det = SaturationDetector(cfg, target, lambda_min, lambda_max)
+    det = SaturationDetector(cfg, target, lambda_min, lambda_max, steps_per_epoch)
     for r in rows:
         if "val_data_bpt" in r:
-            det.observe_val(r["val_data_bpt"])
+            det.observe_val(r["step"], r["val_data_bpt"])
         if det.update(r["step"], r["lambda"], r["s_ema"]):
             return r["step"]
     return None
@@ -87,6 +91,8 @@ def analyse(run_dir: Path, cfg: SaturationConfig) -> dict:
 
     conf = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     target, rows = float(conf["target_s"]), read_jsonl(run_dir / "metrics.jsonl")
+    train_tokens = json.loads((run_dir / "summary.json").read_text())["train_tokens"]
+    steps_per_epoch = train_tokens / (conf["train"]["seq_len"] * conf["train"]["batch_size"])
     err = [_rel(r["s_ema"], target) for r in rows]
     inside = [abs(e) < BAND for e in err]
     rise = next((i for i, ok in enumerate(inside) if ok), None)
@@ -95,10 +101,12 @@ def analyse(run_dir: Path, cfg: SaturationConfig) -> dict:
     after = err[rise:] if rise is not None else []
     overshoot = max((-e if above else e) for e in after) if after else None
     last = rows[2 * len(rows) // 3:]
-    stop = replay_stop(rows, target, cfg, conf["controller"]["lambda_min"], conf["controller"]["lambda_max"])
+    stop = replay_stop(rows, target, cfg, conf["controller"]["lambda_min"], conf["controller"]["lambda_max"],
+                       steps_per_epoch)
     tail = [r for r in rows if stop is not None and stop < r["step"] <= 1.5 * stop]
     at_stop = [r for r in rows if stop is not None and r["step"] <= stop and "val_data_bpt" in r]
     kept = replay_kept(at_stop, target, cfg.s_tolerance)
+    val_after = [r["val_data_bpt"] for r in tail if "val_data_bpt" in r]
     return {
         "run": run_dir.name, "target": target, "lr": conf["train"]["lr"], "law": conf["controller"]["law"],
         "model": conf["model"]["name"], "steps": len(rows),
@@ -115,6 +123,8 @@ def analyse(run_dir: Path, cfg: SaturationConfig) -> dict:
         "after_hat": _band(_rel(r["s_ema"], target) for r in tail),
         "kept": (f"{kept['step']} | {100 * _rel(_val_s(kept), target):+.1f} % | {kept['param_bpt']:.4f} | "
                  f"{kept['val_data_bpt']:.3f}") if kept else "- | - | - | -",
+        "plateau": (f"{min(r['val_data_bpt'] for r in at_stop):.3f} | "
+                    f"{min(val_after):.3f} (to {tail[-1]['step']})") if at_stop and val_after else "- | -",
         "val_bpt_end": next((r["val_data_bpt"] for r in reversed(rows) if "val_data_bpt" in r), None),
     }
 
@@ -124,13 +134,14 @@ def table(sweep: Path, cfg: SaturationConfig) -> str:
         (d for d in sweep.iterdir() if (d / "metrics.jsonl").is_file()), key=lambda d: d.name)
     head = ("| model | law | lr | S* | rise | overshoot | settled | raw S, last third | Ŝ, last third | val S, last third | "
             "λ end | stop (replayed) | val S at stop | raw S after stop | Ŝ after stop | kept step | val S kept | "
-            "ParamBPT kept | val DataBPT kept |")
+            "ParamBPT kept | val DataBPT kept | best val to stop | best val after stop |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for d in runs:
         a = analyse(d, cfg)
         lines.append(f"| {a['model']} | {a['law']} | {a['lr']:g} | {100 * a['target']:g} % | {a['rise']} | "
                      f"{a['overshoot']} | {a['settled']} | {a['raw']} | {a['hat']} | {a['val']} | {a['lambda_end']:.3g} | "
-                     f"{a['stop']} | {a['s_val_at_stop']} | {a['after_raw']} | {a['after_hat']} | {a['kept']} |")
+                     f"{a['stop']} | {a['s_val_at_stop']} | {a['after_raw']} | {a['after_hat']} | {a['kept']} | "
+                     f"{a['plateau']} |")
     return "\n".join(lines)
 
 

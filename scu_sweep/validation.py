@@ -222,6 +222,7 @@ def _rules() -> list:
         ("saturation.lambda_eps", *pos),
         ("saturation.s_tolerance", *pos),
         ("saturation.patience", ge(0), "an int >= 0"),
+        ("saturation.patience_epochs", *nonneg),
         ("saturation.min_delta", *nonneg),
         ("saturation.min_steps", ge(0), "an int >= 0"),
         *((f"train.{k}", ge(1), "an int >= 1")

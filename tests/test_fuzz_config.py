@@ -152,7 +152,8 @@ ALONE = {
     "saturation.enabled": _BOOL, "saturation.window": _int_at_least(1, 2 ** 63 - 1),  # a deque's maxlen
     "saturation.lambda_eps": _POS, "saturation.s_tolerance": _POS,
     "saturation.lambda_change": _is("relative", "absolute"), "saturation.min_delta": _NONNEG,
-    "saturation.patience": _int_at_least(0), "saturation.min_steps": _int_at_least(0),
+    "saturation.patience": _int_at_least(0), "saturation.patience_epochs": _NONNEG,
+    "saturation.min_steps": _int_at_least(0),
     "saturation.keep": _is("best_in_band", "last"),
     **{f"train.{k}": _COUNT for k in ("steps", "batch_size", "seq_len", "eval_every", "val_batches", "log_every", "ranks")},
     "train.lr": _POS, "train.seed": _SEED, "train.diverge_factor": lambda v: _finite(v) and v > 1,

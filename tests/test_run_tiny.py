@@ -209,3 +209,20 @@ def test_model_tiny_alone_reaches_its_target_and_saturates(tmp_path):
     assert abs(s_kept / s["target_s"] - 1) < 0.10
     vals = [r["val_data_bpt"] for r in rows if "val_data_bpt" in r]
     assert vals.index(min(vals)) <= len(vals) - 3  # the last two evaluations did not beat the best
+
+
+def test_the_detector_counts_epochs_of_this_corpus_and_batch(tmp_path, monkeypatch):
+    """saturation.patience_epochs needs the run's epoch length: training blocks / batch size."""
+    from scu_sweep.scu.saturation import SaturationDetector
+    from scu_sweep.training import loop
+
+    seen = []
+
+    class Recording(SaturationDetector):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            seen.append(self.steps_per_epoch)
+
+    monkeypatch.setattr(loop, "SaturationDetector", Recording)
+    s, _ = run_inproc(tmp_path, ["data.max_tokens=4000", "train.batch_size=3", "train.seq_len=64", "train.steps=2"])
+    assert s["train_tokens"] % 64 == 0 and seen == [s["train_tokens"] / 64 / 3]

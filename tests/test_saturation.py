@@ -5,10 +5,10 @@ from scu_sweep.scu.saturation import SaturationConfig, SaturationDetector, keeps
 T = 0.03
 
 
-def det(**kw):
+def det(steps_per_epoch=None, **kw):
     cfg = SaturationConfig(**{**dict(window=5, lambda_eps=0.01, lambda_change="absolute", s_tolerance=0.1,
                                      patience=2, min_steps=0), **kw})
-    return SaturationDetector(cfg, T, 1e-4, 10.0)
+    return SaturationDetector(cfg, T, 1e-4, 10.0, steps_per_epoch)
 
 
 def test_synthetic_trace_stops_where_it_should():
@@ -18,12 +18,45 @@ def test_synthetic_trace_stops_where_it_should():
     stopped = None
     for t, lam in enumerate(lams, start=1):
         if t in vals:
-            d.observe_val(vals[t])
+            d.observe_val(t, vals[t])
         if d.update(t, lam, 0.0305):
             stopped = t
             break
     # λ stable from step 5 on (window 5 needs steps 5..10), plateau after evals at 9 and 12.
     assert stopped == 12
+
+
+def _first_stop(d, vals: dict, steps: int):
+    """The first step a settled controller (λ 1, Ŝ on target) stops at, given validations {step: value}."""
+    for t in range(1, steps + 1):
+        if t in vals:
+            d.observe_val(t, vals[t])
+        if d.update(t, 1.0, T):
+            return t
+    return None
+
+
+# Validation every 10 steps, an epoch of 50 steps: improves through epoch 1 (best 4.0 at step 50),
+# dips when the blocks come round again (60-90), then beats that best at step 100.
+EPOCH_DIP = {10: 4.6, 20: 4.4, 30: 4.2, 40: 4.1, 50: 4.0, 60: 4.2, 70: 4.3, 80: 4.2, 90: 4.05, 100: 3.9}
+
+
+def test_after_the_first_epoch_a_dip_is_not_a_plateau_a_whole_epoch_is():
+    tail = {t: 3.95 + 0.01 * (t % 20 == 0) for t in range(110, 400, 10)}  # never below 3.9 again
+    vals = {**EPOCH_DIP, **tail}
+    # patience alone stops in the dip: two evaluations (60, 70) without a new best
+    assert _first_stop(det(), vals, 400) == 70
+    # with epochs known, the dip is waited out; the stop is one epoch after the best (step 100)
+    assert _first_stop(det(steps_per_epoch=50), vals, 400) == 150
+    assert _first_stop(det(steps_per_epoch=50, patience_epochs=2.0), vals, 400) == 200
+    assert _first_stop(det(steps_per_epoch=50, patience_epochs=0.0), vals, 400) == 70
+
+
+def test_within_the_first_epoch_patience_alone_decides():
+    vals = {10: 4.6, 20: 4.4, 30: 4.45, 40: 4.5, 50: 4.3}
+    assert _first_stop(det(steps_per_epoch=1000), vals, 60) == 40
+    # the same best, but the second non-improving evaluation falls past the first epoch
+    assert _first_stop(det(steps_per_epoch=35), vals, 60) is None
 
 
 def test_no_stop_while_s_off_target():
@@ -58,8 +91,8 @@ def test_relative_lambda_change_scales_with_lambda():
 def test_min_delta_counts_a_creep_as_a_plateau():
     vals = [4.30, 4.28, 4.275, 4.272, 4.271]
     strict, loose = det(), det(min_delta=0.01)
-    for v in vals:
-        strict.observe_val(v), loose.observe_val(v)
+    for t, v in enumerate(vals, start=1):
+        strict.observe_val(t, v), loose.observe_val(t, v)
     assert strict.evals_since_best == 0  # every evaluation improved a little
     assert loose.best_val == 4.28 and loose.evals_since_best == 3
 
@@ -123,7 +156,7 @@ def test_a_restored_detector_continues_exactly_like_the_original():
     a = det(window=3, patience=2)
     for t, (lam, s) in enumerate(trace[:5], start=1):
         if t in vals:
-            a.observe_val(vals[t])
+            a.observe_val(t, vals[t])
         a.update(t, lam, s)
     b = det(window=3, patience=2)
     b.load_state(json.loads(json.dumps(a.state_dict())))  # through JSON, as a checkpoint does
@@ -131,12 +164,12 @@ def test_a_restored_detector_continues_exactly_like_the_original():
     got, fresh_got = [], []
     for t, (lam, s) in enumerate(trace[5:], start=6):
         if t in vals:
-            a.observe_val(vals[t]), b.observe_val(vals[t]), fresh.observe_val(vals[t])
+            a.observe_val(t, vals[t]), b.observe_val(t, vals[t]), fresh.observe_val(t, vals[t])
         want = a.update(t, lam, s)
         got.append(b.update(t, lam, s))
         fresh_got.append(fresh.update(t, lam, s))
         assert got[-1] == want and a.state_dict() == b.state_dict()
-    assert b.best_val == 4.8 and b.evals_since_best == 3
+    assert b.best_val == 4.8 and b.best_step == 4 and b.evals_since_best == 3
     assert True in got and got != fresh_got  # the restored history decides when it stops
 
 

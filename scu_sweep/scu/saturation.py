@@ -19,6 +19,7 @@ class SaturationConfig:
     lambda_change: str = "relative"  # relative: |λ_t − λ_{t−W}| / λ_{t−W} | absolute: |λ_t − λ_{t−W}| (DESIGN §2)
     s_tolerance: float = 0.1
     patience: int = 2
+    patience_epochs: float = 1.0  # once training data repeats, the best validation is also this many epochs old
     min_delta: float = 0.0
     min_steps: int = 20
     keep: str = "best_in_band"  # the adapter a run keeps: best_in_band | last (see keeps())
@@ -46,18 +47,27 @@ class SaturationDetector:
     Saturated: over the last W control steps λ moved less than eps (relative to λ_{t−W}, or
     absolute), every Ŝ of the window was within tol of S* (relative), and the best validation
     DataBPT (an improvement counts only when larger than ``min_delta`` bits) is at least
-    ``patience`` evaluations old.
+    ``patience`` evaluations old and, once the run is past its first epoch (``steps_per_epoch``
+    steps, one pass over the training blocks), at least ``patience_epochs`` epochs old.
+
+    Why epochs: when training blocks come round again their DataBPT drops at once, the
+    controller answers with a λ transient, and validation worsens for a while, then improves
+    again within that epoch (measured on SmolLM2/python_docs, README "Saturation"). A few
+    evaluations without a new best is then a dip, not a plateau; a whole epoch without one is.
     Unreachable: λ sat at one bound for W steps while |Ŝ − S*|/S* > tol and got no smaller.
     """
 
-    def __init__(self, cfg: SaturationConfig, target: float, lambda_min: float, lambda_max: float):
+    def __init__(self, cfg: SaturationConfig, target: float, lambda_min: float, lambda_max: float,
+                 steps_per_epoch: Optional[float] = None):
         self.cfg, self.target = cfg, target
         self.lambda_min, self.lambda_max = lambda_min, lambda_max
+        self.steps_per_epoch = steps_per_epoch  # None: epochs unknown, ``patience`` alone decides
         self._lams: deque = deque(maxlen=cfg.window + 1)
         self._in_band = 0  # consecutive control steps with Ŝ within tolerance
         self._at_bound: Optional[str] = None
         self._bound_errs: list = []  # relative errors since λ reached that bound (the last W)
         self.best_val: Optional[float] = None
+        self.best_step: Optional[int] = None
         self.evals_since_best = 0
         self.unreachable: Optional[str] = None  # "lambda_min" / "lambda_max" once detected
 
@@ -65,7 +75,7 @@ class SaturationDetector:
         """Everything ``update``/``observe_val`` remember, as JSON (for checkpoints)."""
         return {"lams": list(self._lams), "in_band": self._in_band, "at_bound": self._at_bound,
                 "bound_errs": list(self._bound_errs),
-                "best_val": self.best_val, "evals_since_best": self.evals_since_best,
+                "best_val": self.best_val, "best_step": self.best_step, "evals_since_best": self.evals_since_best,
                 "unreachable": self.unreachable}
 
     def load_state(self, d: dict) -> None:
@@ -73,12 +83,12 @@ class SaturationDetector:
         self._lams.extend(d["lams"])
         self._in_band = d["in_band"]
         self._at_bound, self._bound_errs = d["at_bound"], list(d["bound_errs"])
-        self.best_val, self.evals_since_best = d["best_val"], d["evals_since_best"]
+        self.best_val, self.best_step, self.evals_since_best = d["best_val"], d["best_step"], d["evals_since_best"]
         self.unreachable = d["unreachable"]
 
-    def observe_val(self, value: float) -> None:
+    def observe_val(self, step: int, value: float) -> None:
         if self.best_val is None or value < self.best_val - self.cfg.min_delta:
-            self.best_val, self.evals_since_best = value, 0
+            self.best_val, self.best_step, self.evals_since_best = value, step, 0
         else:
             self.evals_since_best += 1
 
@@ -108,7 +118,15 @@ class SaturationDetector:
             return False
         change = abs(self._lams[-1] - self._lams[0])
         stable = change < self.cfg.lambda_eps * (self._lams[0] if self.cfg.lambda_change == "relative" else 1.0)
-        plateau = self.cfg.patience == 0 or (
-            self.best_val is not None and self.evals_since_best >= self.cfg.patience
-        )
-        return stable and self._in_band >= self.cfg.window and plateau
+        return stable and self._in_band >= self.cfg.window and self._plateau(step)
+
+    def _plateau(self, step: int) -> bool:
+        """Validation has stopped improving: see the class docstring."""
+        if self.cfg.patience == 0:
+            return True
+        if self.best_val is None or self.evals_since_best < self.cfg.patience:
+            return False
+        epoch = self.steps_per_epoch
+        if epoch is None or step <= epoch:  # first pass: every batch is new data, no epoch structure yet
+            return True
+        return step - self.best_step >= self.cfg.patience_epochs * epoch

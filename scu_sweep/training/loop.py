@@ -187,7 +187,8 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
     target = float(cfg.target_s)
     ccfg = ControllerConfig.from_mapping(cfg.controller)
     scfg = SaturationConfig.from_mapping(cfg.saturation)
-    detector = SaturationDetector(scfg, target, ccfg.lambda_min, ccfg.lambda_max)
+    detector = SaturationDetector(scfg, target, ccfg.lambda_min, ccfg.lambda_max,
+                                  steps_per_epoch=len(corpus.train) / tc.batch_size)
     coef = mdl.penalty_coef(cfg.prior.sigma, corpus.train_tokens)
     optimizer = make_optimizer(tc)
     rank, size = rank_size(group)
@@ -223,7 +224,7 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
         evaluate_now = step % tc.eval_every == 0 or step == tc.steps
         if evaluate_now:
             best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
-            detector.observe_val(row["val_data_bpt"])
+            detector.observe_val(step, row["val_data_bpt"])
             kept = _keep(kept, row, model, target, scfg)
         done = state.steps % ccfg.control_every == 0 and detector.update(step, state.lam, state.s_ema)
         if done and not evaluate_now:  # the stop's weights get their own validation
