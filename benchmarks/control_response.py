@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,13 +87,20 @@ def replay_kept(evals: list, target: float, tol: float):
     return kept
 
 
+def _train_tokens(run_dir: Path) -> int:
+    """N of the run: from summary.json, or (a run still going, or killed) the run's log line."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text())["train_tokens"]
+    return int(re.search(r"N=(\d+) train tokens", (run_dir / "__main__.log").read_text()).group(1))
+
+
 def analyse(run_dir: Path, cfg: SaturationConfig) -> dict:
     import yaml
 
     conf = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     target, rows = float(conf["target_s"]), read_jsonl(run_dir / "metrics.jsonl")
-    train_tokens = json.loads((run_dir / "summary.json").read_text())["train_tokens"]
-    steps_per_epoch = train_tokens / (conf["train"]["seq_len"] * conf["train"]["batch_size"])
+    steps_per_epoch = _train_tokens(run_dir) / (conf["train"]["seq_len"] * conf["train"]["batch_size"])
     err = [_rel(r["s_ema"], target) for r in rows]
     inside = [abs(e) < BAND for e in err]
     rise = next((i for i, ok in enumerate(inside) if ok), None)

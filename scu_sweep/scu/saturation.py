@@ -52,7 +52,7 @@ class SaturationDetector:
 
     Why epochs: when training blocks come round again their DataBPT drops at once, the
     controller answers with a λ transient, and validation worsens for a while, then improves
-    again within that epoch (measured on SmolLM2/python_docs, README "Saturation"). A few
+    again within that epoch (measured on SmolLM2/python_docs; README, "The stop"). A few
     evaluations without a new best is then a dip, not a plateau; a whole epoch without one is.
     Unreachable: λ sat at one bound for W steps while |Ŝ − S*|/S* > tol and got no smaller.
     """
