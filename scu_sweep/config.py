@@ -67,7 +67,7 @@ class PriorConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 1200
     lr: float = 3e-4
     batch_size: int = 4
     seq_len: int = 128
