@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scu_sweep.records import read_jsonl  # noqa: E402
+from scu_sweep.scu.mdl import s_ratio  # noqa: E402
 from scu_sweep.scu.saturation import SaturationConfig, SaturationDetector, keeps  # noqa: E402
 
 SUITES = {
@@ -63,7 +64,7 @@ def _band(values) -> str:
 
 
 def _val_s(row: dict) -> float:
-    return row["param_bpt"] / (row["val_data_bpt"] + row["param_bpt"])
+    return s_ratio(row["val_data_bpt"], row["param_bpt"])
 
 
 def replay_stop(rows: list, target: float, cfg: SaturationConfig, lambda_min: float, lambda_max: float,
