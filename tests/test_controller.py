@@ -122,28 +122,32 @@ def test_state_round_trips_through_a_dict():
 
 # --- closed loops on a simulated plant --------------------------------------------------
 
-def simulate(cfg, target, k=0.018, tau=3.0, steps=300, seed=0):
+def simulate(cfg, target, k=0.018, tau=3.0, steps=300, seed=0, drop_at=None, drop=1.0):
     """Lagged integrator, the shape measured on SmolLM2 (README calibration): Adam moves the
-    weights at a bounded rate, so d ln S/dt = −k·(v − u_eq(t)), v a first-order lag (τ steps)
-    of u = ln λ, and u_eq (the λ that holds S still) drifts up as LoRA-B grows. DataBPT is
-    measured with ±12 % per-batch noise, as python_docs batches are. Returns the true S per step."""
+    weights at a bounded rate, so d ln ParamBPT/dt = −k·(v − u_eq(t)), v a first-order lag (τ
+    steps) of u = ln λ, and u_eq (the λ that holds S still) drifts up as LoRA-B grows. DataBPT
+    (4 bits) is measured with ±12 % per-batch noise, as python_docs batches are, and falls to
+    ``drop`` × itself from step ``drop_at`` on (training blocks coming round again). Returns the
+    true S, Ŝ and λ per step."""
     rng, st = random.Random(seed), initial_state(cfg)
-    x, v, u_eq, trace = math.log(0.0309), math.log(cfg.lambda_init), math.log(0.04), []
+    x, v, u_eq = math.log(4.0 * 0.0309 / (1 - 0.0309)), math.log(cfg.lambda_init), math.log(0.04)
+    s_true, s_hat, lams = [], [], []
     for t in range(steps):
-        s_true = math.exp(x)
-        d = 4.0 * (1 + 0.12 * rng.gauss(0, 1))
-        st = step(st, d, s_true * 4.0 / (1 - s_true), target, cfg)
+        d = 4.0 * (drop if drop_at is not None and t >= drop_at else 1.0)
+        st = step(st, d * (1 + 0.12 * rng.gauss(0, 1)), math.exp(x), target, cfg)
         v += (math.log(st.lam) - v) / tau
         x -= k * (v - (u_eq + 0.01 * t))
-        trace.append(s_true)
-    return trace
+        s_true.append(math.exp(x) / (d + math.exp(x)))
+        s_hat.append(st.s_ema)
+        lams.append(st.lam)
+    return s_true, s_hat, lams
 
 
 @pytest.mark.parametrize("target", [0.02, 0.05])
 @pytest.mark.parametrize("k,tau", [(0.006, 1.0), (0.018, 3.0), (0.054, 5.0)])
 def test_default_law_settles_on_a_lagged_integrator(target, k, tau):
     """Gains ×1/3 and ×3 around the measured plant, lag 1–5 steps: S in ±10 % over the last third."""
-    trace = simulate(ControllerConfig(), target, k=k, tau=tau)
+    trace, _, _ = simulate(ControllerConfig(), target, k=k, tau=tau)
     last = trace[2 * len(trace) // 3:]
     assert max(abs(s / target - 1) for s in last) < 0.10
 
@@ -153,6 +157,22 @@ def test_seed_law_updated_every_step_does_not_settle_on_the_same_plant():
     seed_every_step = ControllerConfig(law="incremental", error="absolute", smooth="s", control_every=1,
                                        kp=0.8, ki=0.15, deadband=0.002, ema_alpha=0.1, leak=0.995,
                                        i_min=-0.2, i_max=0.2, lambda_max=10.0)
-    trace = simulate(seed_every_step, 0.05, k=0.018, tau=3.0)
+    trace, _, _ = simulate(seed_every_step, 0.05, k=0.018, tau=3.0)
     last = trace[2 * len(trace) // 3:]
     assert max(abs(s / 0.05 - 1) for s in last) > 0.10
+
+
+@pytest.mark.parametrize("k,tau", [(0.006, 1.0), (0.018, 3.0), (0.054, 5.0)])
+def test_a_drop_in_data_bpt_brings_a_lambda_ramp_not_a_spike(k, tau):
+    """An epoch boundary: DataBPT falls 20 % at once (repeated blocks). With D̄ over ~33 steps
+    (ema_alpha 0.03, the default) λ peaks at well under half the excursion of a 10-step D̄
+    (0.1), Ŝ stays within ±10 %, and S is back within ±10 % of the target 100 steps later."""
+    def after_drop(cfg):
+        s_true, s_hat, lams = simulate(cfg, 0.03, k=k, tau=tau, drop_at=150, drop=0.8)
+        before = sum(lams[130:150]) / 20
+        return max(lams[150:220]) / before, s_hat[150:], s_true[250:]
+    peak, s_hat, settled = after_drop(ControllerConfig())
+    peak_fast, _, _ = after_drop(ControllerConfig(ema_alpha=0.1))
+    assert peak < 0.6 * peak_fast
+    assert max(abs(s / 0.03 - 1) for s in s_hat) < 0.10
+    assert max(abs(s / 0.03 - 1) for s in settled) < 0.10

@@ -34,7 +34,7 @@ class ControllerConfig:
     kp: float = 16.0
     ki: float = 1.2
     deadband: float = 0.02
-    ema_alpha: float = 0.1
+    ema_alpha: float = 0.03
     leak: float = 1.0
     e_max: float = 0.25  # positional: the integral takes e clipped to ±e_max (no wind-up in a large transient)
     i_min: float = -12.0
