@@ -43,6 +43,7 @@ class ModelConfig:
     max_seq_len: Optional[int] = None  # context limit; null = from the model config
     seed: int = 0  # init seed of model=tiny
     prior_sigma: Optional[float] = None  # the σ calibrated for this model on the default corpus (prior=default uses it)
+    data_tokens: Optional[int] = None  # data=python_docs' token budget with this model (null: the whole corpus)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -67,7 +68,7 @@ class PriorConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1200
+    steps: int = 300
     lr: float = 3e-4
     batch_size: int = 4
     seq_len: int = 128

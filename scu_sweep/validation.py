@@ -182,6 +182,7 @@ def _rules() -> list:
         ("model.max_seq_len", lambda v: v is None or v >= 1, "null (the model's own context) or an int >= 1"),
         ("model.seed", lambda v: 0 <= v < _SEED_END, "an int in [0, 2**64)"),
         ("model.prior_sigma", lambda v: v is None or (_fin(v) and v > 0), "null or a float > 0 (prior=default's σ)"),
+        ("model.data_tokens", lambda v: v is None or v >= 1, "null or an int >= 1 (data=python_docs' token budget)"),
         ("model.tiny.vocab_size", ge(_TINY_MIN_VOCAB), f"an int >= {_TINY_MIN_VOCAB} (256 bytes + 4 specials)"),
         *((f"model.tiny.{k}", ge(1), "an int >= 1") for k in (
             "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

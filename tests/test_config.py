@@ -40,9 +40,18 @@ def test_controller_seed_is_design_s_seed_law_and_the_seed_experiment_uses_it():
 
 def test_prior_sigma_travels_with_the_model():
     assert compose_cfg(["model=tiny"]).prior.sigma == 0.012
-    assert compose_cfg([]).prior.sigma == 0.24
+    assert compose_cfg([]).prior.sigma == 0.68
     assert compose_cfg(["experiment=seed_olmo3_7b"]).prior.sigma == 0.01
     assert compose_cfg(["model=tiny", "prior.sigma=0.5"]).prior.sigma == 0.5
+
+
+def test_the_corpus_budget_travels_with_the_model():
+    """python_docs takes the model config's budget (SmolLM2: the 12-minute main job's); any value overrides it."""
+    assert compose_cfg([]).data.max_tokens == 14000
+    assert compose_cfg(["model=tiny"]).data.max_tokens is None
+    assert compose_cfg(["data.max_tokens=null"]).data.max_tokens is None
+    assert compose_cfg(["model.data_tokens=5000"]).data.max_tokens == 5000
+    assert compose_cfg(["data=text_files"]).data.max_tokens is None  # user files: all of them
 
 
 def test_unknown_key_and_wrong_type_fail_at_composition():

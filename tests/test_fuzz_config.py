@@ -70,7 +70,7 @@ RELATED = [
     {"controller.lambda_min", "controller.lambda_max", "controller.lambda_init"},
     {"train.ranks", "train.batch_size"},
     {"prior.sigma", "model.prior_sigma"},  # prior=default's σ is ${model.prior_sigma}
-    {"data.max_tokens", "train.seq_len", "data.source"},
+    {"data.max_tokens", "train.seq_len", "data.source", "model.data_tokens"},  # python_docs: ${model.data_tokens}
     {"data.paths", "data.source"},
     {"data.hf_path", "data.source"},
     {"model.path", "model.source"},
@@ -134,7 +134,7 @@ ALONE = {
     "target_s": _float_in(0, 1),
     "model.name": _STR, "model.source": _is("tiny", "gguf", "mlx_lm"), "model.path": _OSTR, "model.gguf": _OSTR,
     "model.quantized": _is("auto", "true", "false"), "model.max_seq_len": _opt(_COUNT), "model.seed": _SEED,
-    "model.prior_sigma": _opt(_POS),
+    "model.prior_sigma": _opt(_POS), "model.data_tokens": _opt(_COUNT),
     "model.tiny.vocab_size": _int_at_least(256 + 4),  # bytes + the byte tokenizer's 4 specials
     **{f"model.tiny.{k}": _COUNT for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                            "num_attention_heads", "num_key_value_heads", "max_position_embeddings")},
