@@ -61,6 +61,15 @@ def test_default_launcher_is_ours_one_job_per_core():
     assert n_slots(-1) == cpu_count() and n_slots(-2) == max(cpu_count() - 1, 1) and n_slots(3) == 3
 
 
+def test_a_batch_between_one_and_two_per_core_runs_at_once(monkeypatch):
+    """No lone last round: 3 jobs on 2 cores run 3 at a time; 2, 4 or 7 take one slot per core."""
+    from hydra_plugins.scu_launcher import _core
+
+    monkeypatch.setattr(_core, "cpu_count", lambda: 2)
+    assert [_core.n_slots(-1, n) for n in (1, 2, 3, 4, 7)] == [2, 2, 3, 2, 2]
+    assert _core.n_slots(-2, 3) == 1 and _core.n_slots(2, 3) == 2  # only the default widens
+
+
 @pytest.mark.usefixtures("hydra_restore_singletons")
 def test_workers_preset_follows_the_optuna_sweepers_n_jobs():
     cfg = compose_cfg_hydra(["hydra/sweeper=optuna", "hydra.sweeper.n_jobs=3"])

@@ -138,16 +138,23 @@ def _exiting(pool: Pool) -> bool:
     return pool.stopped or getattr(threading, "_SHUTTING_DOWN", False)
 
 
-def n_slots(n_jobs: int) -> int:
-    """joblib's meaning of n_jobs: -1 = one per core, -2 = all cores but one, ..."""
-    return n_jobs if n_jobs > 0 else max(cpu_count() + 1 + n_jobs, 1)
+def n_slots(n_jobs: int, n_batch: int = 0) -> int:
+    """joblib's meaning of n_jobs: -1 = one per core, -2 = all cores but one, ...
+
+    With -1, a first batch of more jobs than cores but fewer than twice as many runs all at
+    once: in two rounds the second would leave cores idle (3 jobs on 2 cores: 3 at a time
+    finish in ~3/4 of the time, one BLAS thread each)."""
+    if n_jobs > 0:
+        return n_jobs
+    cores = max(cpu_count() + 1 + n_jobs, 1)
+    return n_batch if n_jobs == -1 and cores < n_batch < 2 * cores else cores
 
 
-def _pool(launcher: Any) -> Pool:
+def _pool(launcher: Any, n_batch: int) -> Pool:
     with launcher.lock:
         if launcher.pool is None:
             setup_globals()
-            launcher.pool = Pool(n_slots(launcher.joblib["n_jobs"]))
+            launcher.pool = Pool(n_slots(launcher.joblib["n_jobs"], n_batch))
             _POOLS.add(launcher.pool)
         return launcher.pool
 
@@ -157,7 +164,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
     """Run the batch, at most ``n_jobs`` jobs in flight; its JobReturns, in order."""
     assert launcher.config is not None and launcher.task_function is not None
     assert launcher.hydra_context is not None
-    pool = _pool(launcher)
+    pool = _pool(launcher, len(job_overrides))
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     log.info("Launching %d jobs, up to %d at a time in worker processes, sweep output dir : %s",

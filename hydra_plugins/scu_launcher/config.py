@@ -11,7 +11,8 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class ScuWorkersLauncherConf:
     _target_: str = "hydra_plugins.scu_launcher.scu_launcher.ScuWorkersLauncher"
-    # jobs in flight, each alone in a spawned worker process; -1: one per core
+    # jobs in flight, each alone in a spawned worker process; -1: one per core (a first
+    # batch of cores < J < 2·cores jobs: all J, no lone last round)
     # (-2: all cores but one, ...). conf/hydra/launcher/workers.yaml ties it to the
     # optuna sweeper's n_jobs.
     n_jobs: int = -1
