@@ -297,6 +297,7 @@ def test_ctrl_c_leaves_no_worker(tmp_path, group):
 
     found, took = _interrupt(tmp_path, group, ["-m", *TINY, "train.steps=100000", "train.eval_every=100000",
                                                "train.batch_size=2", "target_s=0.02,0.03,0.05",
+                                               "hydra.launcher.n_jobs=2",  # two in flight, a third waiting
                                                f"hydra.sweep.dir={sweep}"], started=training)
     assert len(found) == 2 and took < 15
     assert not any((sweep / j / "summary.json").exists() for j in ("0", "1", "2"))
