@@ -46,7 +46,7 @@ def test_prior_sigma_travels_with_the_model():
 
 
 def test_the_corpus_budget_travels_with_the_model():
-    """python_docs takes the model config's budget (SmolLM2: the 12-minute main job's); any value overrides it."""
+    """python_docs takes the model config's budget (SmolLM2: the main job's 14k tokens); any value overrides it."""
     assert compose_cfg([]).data.max_tokens == 14000
     assert compose_cfg(["model=tiny"]).data.max_tokens is None
     assert compose_cfg(["data.max_tokens=null"]).data.max_tokens is None

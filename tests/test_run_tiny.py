@@ -207,6 +207,9 @@ def test_model_tiny_alone_reaches_its_target_and_saturates(tmp_path):
     final = s["final"]
     s_kept = final["param_bpt"] / (final["param_bpt"] + final["val_data_bpt"])
     assert abs(s_kept / s["target_s"] - 1) < 0.10
+    in_band = [r for r in rows if "val_data_bpt" in r and r["step"] <= s["saturation_step"]
+               and abs(r["val_s_ratio"] / s["target_s"] - 1) <= 0.10]
+    assert s["adapter_step"] == min(in_band, key=lambda r: r["val_data_bpt"])["step"]  # the best in band, not just any
     vals = [r["val_data_bpt"] for r in rows if "val_data_bpt" in r]
     assert vals.index(min(vals)) <= len(vals) - 3  # the last two evaluations did not beat the best
 
