@@ -122,13 +122,14 @@ def test_state_round_trips_through_a_dict():
 
 # --- closed loops on a simulated plant --------------------------------------------------
 
-def simulate(cfg, target, k=0.018, tau=3.0, steps=300, seed=0, drop_at=None, drop=1.0):
+def simulate(cfg, target, k=0.018, tau=3.0, steps=300, seed=0, drop_at=None, drop=1.0, free_rate=None):
     """Lagged integrator, the shape measured on SmolLM2 (README calibration): Adam moves the
     weights at a bounded rate, so d ln ParamBPT/dt = −k·(v − u_eq(t)), v a first-order lag (τ
     steps) of u = ln λ, and u_eq (the λ that holds S still) drifts up as LoRA-B grows. DataBPT
     (4 bits) is measured with ±12 % per-batch noise, as python_docs batches are, and falls to
-    ``drop`` × itself from step ``drop_at`` on (training blocks coming round again). Returns the
-    true S, Ŝ and λ per step."""
+    ``drop`` × itself from step ``drop_at`` on (training blocks coming round again). With
+    ``free_rate``, ParamBPT grows at most that fast (ln per step): LoRA's free growth, which no
+    smaller λ speeds up. Returns the true S, Ŝ and λ per step."""
     rng, st = random.Random(seed), initial_state(cfg)
     x, v, u_eq = math.log(4.0 * 0.0309 / (1 - 0.0309)), math.log(cfg.lambda_init), math.log(0.04)
     s_true, s_hat, lams = [], [], []
@@ -136,7 +137,8 @@ def simulate(cfg, target, k=0.018, tau=3.0, steps=300, seed=0, drop_at=None, dro
         d = 4.0 * (drop if drop_at is not None and t >= drop_at else 1.0)
         st = step(st, d * (1 + 0.12 * rng.gauss(0, 1)), math.exp(x), target, cfg)
         v += (math.log(st.lam) - v) / tau
-        x -= k * (v - (u_eq + 0.01 * t))
+        rate = -k * (v - (u_eq + 0.01 * t))
+        x += rate if free_rate is None else min(rate, free_rate)
         s_true.append(math.exp(x) / (d + math.exp(x)))
         s_hat.append(st.s_ema)
         lams.append(st.lam)
@@ -150,6 +152,22 @@ def test_default_law_settles_on_a_lagged_integrator(target, k, tau):
     trace, _, _ = simulate(ControllerConfig(), target, k=k, tau=tau)
     last = trace[2 * len(trace) // 3:]
     assert max(abs(s / target - 1) for s in last) < 0.10
+
+
+@pytest.mark.parametrize("k,tau", [(0.006, 1.0), (0.018, 3.0), (0.054, 5.0)])
+def test_the_lambda_floor_keeps_the_integral_out_of_the_free_growth_zone(k, tau):
+    """S starts below a 5 % target and ParamBPT grows at most +0.013 ln per step (SmolLM2 at
+    λ = 0.01, README calibration; a smaller λ grows it no faster). With λ free down to 1e-4
+    the integral winds into that dead zone and λ climbs back late: S overshoots by > 20 %.
+    The default floor (1e-2) keeps the overshoot under 12 %."""
+    def overshoot(cfg):
+        s, _, _ = simulate(cfg, 0.05, k=k, tau=tau, free_rate=0.013)
+        crossed = next(i for i, x in enumerate(s) if x >= 0.05)
+        return max(s[crossed:]) / 0.05 - 1
+
+    assert ControllerConfig().lambda_min == 1e-2
+    assert overshoot(ControllerConfig()) < 0.12
+    assert overshoot(ControllerConfig(lambda_min=1e-4)) > 0.20
 
 
 def test_seed_law_updated_every_step_does_not_settle_on_the_same_plant():

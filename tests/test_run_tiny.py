@@ -108,8 +108,8 @@ def test_the_kept_adapter_is_the_best_in_band_evaluation_and_survives_a_restart(
     from scu_sweep.scu.saturation import keeps
 
     # fixed λ: ParamBPT grows and val DataBPT falls, so S from validation drifts up through the run
-    common = ["controller.fixed=true", "controller.lambda_init=1e-3", "saturation.enabled=false",
-              "train.lr=3e-3", "train.checkpoint_every=5"]
+    common = ["controller.fixed=true", "controller.lambda_init=1e-3", "controller.lambda_min=1e-3",
+              "saturation.enabled=false", "train.lr=3e-3", "train.checkpoint_every=5"]
     last, rows = run_inproc(tmp_path / "last", common + ["saturation.keep=last"])
     assert last["adapter_step"] == last["steps_run"] == 30 and last["adapter_kept"] == "last"
     evals = [r for r in rows if "val_data_bpt" in r]
@@ -164,7 +164,7 @@ def test_same_seed_same_losses_other_seed_differs(tmp_path):
 def test_large_fixed_lambda_shrinks_param_bpt(tmp_path):
     common = ["controller.fixed=true", "train.steps=40", "saturation.enabled=false", "train.lr=3e-3"]
     big = run_inproc(tmp_path / "big", common + ["controller.lambda_init=10"])[0]
-    small = run_inproc(tmp_path / "small", common + ["controller.lambda_init=1e-4"])[0]
+    small = run_inproc(tmp_path / "small", common + ["controller.lambda_init=1e-4", "controller.lambda_min=1e-4"])[0]
     assert big["final"]["lambda"] == 10 and small["final"]["lambda"] == 1e-4
     assert big["final"]["param_bpt"] < 0.5 * small["final"]["param_bpt"]
 

@@ -40,7 +40,7 @@ class ControllerConfig:
     i_min: float = -12.0
     i_max: float = 12.0
     lambda_init: float = 1.0
-    lambda_min: float = 1e-4
+    lambda_min: float = 1e-2  # a floor where the plant still answers: no integral wound into a dead zone
     lambda_max: float = 1e4
     fixed: bool = False
 
