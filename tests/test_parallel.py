@@ -10,8 +10,10 @@ from scu_sweep.records import read_jsonl
 
 from conftest import cli
 
-ARGS = ["-m", "model=tiny", "logger=none", "train.steps=40", "train.eval_every=10", "prior.sigma=0.012",
-        "target_s=0.02,0.05"]
+# 150 steps each (~5 s): long enough that two workers started together overlap even when one
+# spawns a second late (40 steps, ~1 s, did not always)
+ARGS = ["-m", "model=tiny", "logger=none", "train.steps=150", "saturation.enabled=false", "train.eval_every=10",
+        "prior.sigma=0.012", "target_s=0.02,0.05"]
 SAME = ("step", "loss", "data_bpt", "param_bpt", "s_ratio", "s_ema", "lambda", "integral", "val_data_bpt")
 
 
