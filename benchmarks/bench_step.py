@@ -53,6 +53,7 @@ ROWS = [  # (worker, table label, step variant)
     ("openblas", "MLX + OpenBLAS", "plain"),
     ("torch", "PyTorch + PEFT", "scu"),
     ("parallel", "MLX + OpenBLAS, one-thread processes side by side (sum)", "scu"),
+    ("parallel_batch", "the same, each process SCHED_BATCH as the sweep's workers are (sum)", "scu"),
     ("ranks", "MLX + OpenBLAS, one run with train.ranks=2 (global batch)", "scu"),
 ]
 CODES = ("mlx-lm", "project")
@@ -156,6 +157,8 @@ def matmul_gflops(n: int = 2048, reps: int = 3) -> float:
 def mlx_worker(args: argparse.Namespace) -> dict:
     """Runs in a child: preload (unless SCU_SWEEP_BLAS=off), then MLX and the steps."""
     desc = backend.preload_blas()
+    if args.sched_batch:
+        backend.batch_scheduling()
     import mlx.core as mx
 
     mx.set_default_device(mx.cpu)
@@ -242,10 +245,11 @@ def main() -> None:
                          "project (the step as scu_sweep runs it); the one-process rows time "
                          "each, the other rows the last")
     ap.add_argument("--torch-python", default=default_torch_python())
-    ap.add_argument("--skip", default="", help="comma list of: stock, openblas, torch, parallel, ranks")
+    ap.add_argument("--skip", default="", help="comma list of: stock, openblas, torch, parallel, parallel_batch, ranks")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="processes for the parallel row")
     ap.add_argument("--ranks", type=int, default=2, help="ranks for the train.ranks row")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sched-batch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--variants", default="scu", help=argparse.SUPPRESS)
@@ -277,6 +281,9 @@ def main() -> None:
     if "parallel" not in skip:
         cmd = me + ["--worker", "--variants", "scu", "--code", last, *timing]
         res["parallel"] = parallel_children(cmd, env, args.jobs, f"scu/{last}")
+    if "parallel_batch" not in skip:
+        cmd = me + ["--worker", "--sched-batch", "--variants", "scu", "--code", last, *timing]
+        res["parallel_batch"] = parallel_children(cmd, env, args.jobs, f"scu/{last}")
     if "ranks" not in skip:
         res["ranks"] = ranks_run(me, env, args.ranks, ["--code", last, *timing])
     if "stock" not in skip:
@@ -330,6 +337,8 @@ def report(res: dict, args: argparse.Namespace, load0: float) -> None:
     last = codes[-1]
     ratios += [("OpenBLAS / stock", ("openblas", "scu", last), ("stock", "scu", last)),
                (f"parallel processes together / PyTorch ({last})", ("parallel", "scu", last), torch),
+               ("parallel processes, SCHED_BATCH / default scheduling", ("parallel_batch", "scu", last),
+                ("parallel", "scu", last)),
                (f"train.ranks={args.ranks} / PyTorch ({last})", ("ranks", "scu", last), torch)]
     print()
     for label, a, b in ratios:

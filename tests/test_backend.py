@@ -236,3 +236,21 @@ def test_refuses_after_torch_or_mlx_import(tmp_path, module):
     out = run_child("out['mapped'] = maps_openblas()", tmp_path, setup=setup)
     assert out["desc"] is None and not out["mapped"]
     assert len(out["warnings"]) == 1 and module in out["warnings"][0]
+
+
+def test_batch_scheduling_marks_only_this_process_cpu_bound(tmp_path):
+    out = run_child("""
+        before = os.sched_getscheduler(0)
+        out.update(before=before, set=backend.batch_scheduling(), after=os.sched_getscheduler(0),
+                   parent=os.sched_getscheduler(os.getppid()))
+    """, tmp_path)
+    assert out["set"] is True and out["before"] == os.SCHED_OTHER
+    assert out["after"] == os.SCHED_BATCH and out["parent"] == os.SCHED_OTHER
+
+
+def test_batch_scheduling_is_a_no_op_without_the_class(monkeypatch):
+    from scu_sweep.training import backend
+
+    monkeypatch.delattr(os, "SCHED_BATCH")
+    assert backend.batch_scheduling() is False
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER

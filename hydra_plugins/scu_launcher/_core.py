@@ -34,12 +34,20 @@ from joblib.externals.loky.process_executor import (
 )
 
 from scu_sweep.sweeps.lifeline import die_with_parent
+from scu_sweep.training.backend import batch_scheduling
 
 from ._failures import COMPOSE_LOCK, dead_job, death, failed_job
 
 log = logging.getLogger(__name__)
 
 _POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+
+
+def start_worker(parent: int) -> None:
+    """A worker's initializer: die with the sweep process, and run as a batch (CPU-bound) task,
+    since the jobs of a sweep may outnumber the cores (``n_slots``)."""
+    die_with_parent(parent)
+    batch_scheduling()
 
 
 class Slot:
@@ -54,7 +62,7 @@ class Slot:
             new = self.executor is None
             if new:
                 self.executor = ProcessPoolExecutor(max_workers=1, context=get_context("loky"),
-                                                    initializer=die_with_parent,
+                                                    initializer=start_worker,
                                                     initargs=(os.getpid(),))
             try:
                 future = self.executor.submit(execute_job, *args)

@@ -111,6 +111,21 @@ def set_blas_threads(n: int, env: MutableMapping[str, str] | None = None) -> Non
         setter(ctypes.c_int(n))
 
 
+def batch_scheduling() -> bool:
+    """Put this process in Linux's ``SCHED_BATCH`` class (same priority, marked CPU-bound):
+    when more training processes than cores share the CPU, the scheduler then preempts them
+    less often, so each keeps its caches warm for longer slices. False where the OS has no
+    such class or refuses it."""
+    policy = getattr(os, "SCHED_BATCH", None)
+    if policy is None:
+        return False
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError:
+        return False
+    return True
+
+
 def _cmeel_library() -> Path:
     """The ``cmeel-openblas`` library (built for SkylakeX only: AVX-512 CPUs)."""
     try:
