@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -20,7 +21,7 @@ from ..scu import mdl
 from ..scu.controller import ControllerConfig, ControllerState, initial_state
 from ..scu.controller import step as control_step
 from ..scu.saturation import SaturationConfig, SaturationDetector, keeps
-from . import checkpoint
+from . import checkpoint, kernel_cache
 from .data import Corpus, batch_indices, val_batches
 from .losses import causal_lm_loss
 
@@ -158,6 +159,23 @@ def _keep(kept: Optional[tuple], row: dict, model, target: float, scfg: Saturati
     return kept
 
 
+def _first_runs(model, cfg, coef: float, group) -> Callable[[str], contextlib.AbstractContextManager]:
+    """``once(name)``: kernel_cache.built_once around this process's first run of the graph
+    ``name`` (its key: architecture, LoRA, shapes, the penalty constant); later runs, and ranks
+    (whose collectives must not wait on a lock), get no lock."""
+    graph = "|".join(map(str, (getattr(model, "args", None), repr(model), cfg.train.batch_size,
+                               cfg.train.seq_len, coef)))
+    seen: set = set()
+
+    def once(name: str) -> contextlib.AbstractContextManager:
+        if group is not None or name in seen:
+            return contextlib.nullcontext()
+        seen.add(name)
+        return kernel_cache.built_once(f"{graph}|{name}")
+
+    return once
+
+
 def _any_rank(flag: bool, group) -> bool:
     """True on every rank when ``flag`` is true on any (rank 0 alone talks to Optuna)."""
     if group is None:
@@ -196,6 +214,12 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
     step_fn = make_train_step(model, optimizer, coef, group)
     in_study = bool(cfg.pruning.storage)
     eval_ce = mx.compile(partial(ce_loss, model), inputs=model.state)
+    once = _first_runs(model, cfg, coef, group)
+
+    def evaluate_row(row: dict, best: dict) -> dict:
+        with once("eval"):
+            return _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
+
     state = ControllerState.from_dict(resumed["controller"]) if resumed else initial_state(ccfg)
     tokens_per_step = tc.batch_size * tc.seq_len
     best: dict = resumed.get("best", {})
@@ -211,8 +235,9 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
         rows = batch_indices(step - 1, len(corpus.train), tc.batch_size, tc.seed)
         b = mx.array(corpus.train[rows[rank::size]])
         mx.random.seed(tc.seed * 1_000_003 + step)  # dropout masks depend on (seed, step) alone: resumable
-        ce_a, ssq_a = step_fn(b[:, :-1], b[:, 1:], mx.array(state.lam, dtype=mx.float32))
-        mx.eval(ce_a, ssq_a)
+        with once("step"):
+            ce_a, ssq_a = step_fn(b[:, :-1], b[:, 1:], mx.array(state.lam, dtype=mx.float32))
+            mx.eval(ce_a, ssq_a)
         ce, ssq = ce_a.item(), ssq_a.item()
         dbits, pbits = mdl.data_bpt(ce), ssq * coef / mdl.LN2
         bits_start = bits_start if bits_start is not None else dbits + p_init
@@ -223,12 +248,12 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
         row = _row(step, ce, ssq, state, s, coef, float(optimizer.learning_rate), step * tokens_per_step, wall)
         evaluate_now = step % tc.eval_every == 0 or step == tc.steps
         if evaluate_now:
-            best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
+            best = evaluate_row(row, best)
             detector.observe_val(step, row["val_data_bpt"])
             kept = _keep(kept, row, model, target, scfg)
         done = state.steps % ccfg.control_every == 0 and detector.update(step, state.lam, state.s_ema)
         if done and not evaluate_now:  # the stop's weights get their own validation
-            best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
+            best = evaluate_row(row, best)
             kept = _keep(kept, row, model, target, scfg)
             evaluate_now = True
         if evaluate_now or step % tc.log_every == 0:
@@ -255,7 +280,7 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
                 "unreachable": unreachable, "row": row, "wall_s": wall, "started_at": started_at,
                 "bits_start": bits_start, "kept_row": kept and kept[0]}, kept=kept and kept[1])
     if "val_data_bpt" not in row:  # pruned between evaluations
-        best = _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
+        best = evaluate_row(row, best)
         kept = _keep(kept, row, model, target, scfg)
     adapter_row = row
     if kept is not None:

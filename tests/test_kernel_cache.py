@@ -1,0 +1,97 @@
+"""kernel_cache.built_once: on a cold MLX kernel cache one process at a time runs a graph's
+first call; once built, nobody waits. And the training loop's first step takes that lock."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+CHILD = """
+import json, sys, time
+from scu_sweep.training.kernel_cache import built_once
+t0 = time.time()
+with built_once(sys.argv[1]):
+    t1 = time.time()
+    time.sleep(float(sys.argv[2]))
+print(json.dumps({"asked": t0, "entered": t1, "left": time.time()}))
+"""
+
+
+def _child(key: str, seconds: float, tmpdir: Path) -> subprocess.Popen:
+    env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", CHILD, key, str(seconds)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(p: subprocess.Popen, timeout: float = 60) -> dict:
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _kernel_dir(tmpdir: Path) -> Path:
+    import mlx.core as mx
+
+    return tmpdir / "mlx" / mx.__version__ / "cpu"
+
+
+def test_a_cold_graph_runs_in_one_process_at_a_time_then_in_all(tmp_path):
+    procs = [_child("graph-a", 1.0, tmp_path) for _ in range(3)]
+    runs = sorted((_result(p) for p in procs), key=lambda r: r["entered"])
+    first, *rest = runs
+    # the first builds alone; the others enter once it has left, and together (no second wait)
+    assert all(r["entered"] >= first["left"] for r in rest)
+    assert abs(rest[0]["entered"] - rest[1]["entered"]) < 0.5
+    assert len(list(_kernel_dir(tmp_path).glob(".scu_sweep-*"))) == 1
+
+
+def test_a_built_graph_takes_no_lock_and_an_unbuilt_one_waits(tmp_path):
+    assert _result(_child("graph-b", 0.0, tmp_path))  # builds it, leaves its marker
+    lock_path = _kernel_dir(tmp_path) / ".scu_sweep.lock"
+    with open(lock_path, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process building something
+        built, unbuilt = _child("graph-b", 0.0, tmp_path), _child("graph-c", 0.0, tmp_path)
+        assert _result(built, timeout=30)  # no wait
+        time.sleep(1.0)
+        assert unbuilt.poll() is None  # waits for the lock
+        fcntl.flock(held, fcntl.LOCK_UN)
+    assert _result(unbuilt, timeout=30)
+
+
+@pytest.mark.slow
+def test_the_first_training_step_waits_for_a_build_in_progress(tmp_path):
+    """A run whose step graph is new (a σ no run used: the penalty constant is in the graph)
+    does not run its first step while another process holds the kernel lock."""
+    from scu_sweep.training.kernel_cache import kernel_dir
+
+    run_dir = tmp_path / "run"
+    sigma = 0.012 + uuid.uuid4().int % 10_000 * 1e-9
+    lock_path = kernel_dir() / ".scu_sweep.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        p = subprocess.Popen([sys.executable, "-m", "scu_sweep", "model=tiny", "logger=none", "train.steps=3",
+                              f"prior.sigma={sigma!r}", f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        end = time.monotonic() + 120
+        log = run_dir / "__main__.log"
+        while not log.exists() or "trainable params" not in log.read_text():
+            assert p.poll() is None and time.monotonic() < end, "the run never got to training"
+            time.sleep(0.2)
+        time.sleep(4.0)  # a tiny step takes ~0.1 s: unblocked, it would be done by now
+        metrics = run_dir / "metrics.jsonl"
+        assert p.poll() is None and not (metrics.exists() and metrics.read_text().strip())
+        fcntl.flock(held, fcntl.LOCK_UN)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-2000:]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
