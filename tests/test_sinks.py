@@ -70,9 +70,20 @@ def test_quiet_progress_every_n_steps(caplog):
     assert msgs[-1].startswith("[job 3] done: saturated at step 20 (saturation 20)")
 
 
+def test_the_done_line_names_each_s_of_the_kept_adapter(caplog):
+    """Raw S (that batch), Ŝ (what the controller held) and S from validation (what the keep
+    rule judged) differ once training blocks repeat: the line must not show the first alone."""
+    final = dict(_row(50), s_ratio=0.0396, s_ema=0.03136, val_data_bpt=3.562, val_s_ratio=0.03131)
+    p = progress.ProgressSink("job 1", total=300, target=0.03, tty=False)
+    with caplog.at_level(logging.INFO, logger="scu_sweep.progress"):
+        p.summary(dict(SUMMARY, final=final), None)
+    line = caplog.records[-1].getMessage()
+    assert "S 3.96%/3%  Ŝ 3.14%  val S 3.13%  λ 1  DataBPT 0.08  val 3.562" in line
+
+
 @pytest.mark.parametrize("columns, info", [
-    (200, "S 3%/5%  λ 0.56  DataBPT 0.6667  640 tok/s"),
-    (60, "S 3%/5%  λ 0.56  DataBPT …"),  # cut to fit a narrow terminal, never wrapped
+    (200, "S 3%/5%  Ŝ 3%  λ 0.56  DataBPT 0.6667  640 tok/s"),
+    (60, "S 3%/5%  Ŝ 3%  λ 0.56  Da…"),  # cut to fit a narrow terminal, never wrapped
 ])
 def test_rich_progress_fields(monkeypatch, columns, info):
     monkeypatch.setenv("COLUMNS", str(columns))

@@ -13,9 +13,15 @@ _STATUS = (("lambda", "λ {:.3g}"), ("data_bpt", "DataBPT {:.4g}"), ("val_data_b
            ("tokens_per_s", "{:.0f} tok/s"))
 
 
+# besides S itself (this batch's DataBPT): Ŝ, the S the controller holds (its smoothed DataBPT),
+# and S from validation DataBPT where the row was evaluated (what saturation.keep judges)
+_S_VIEWS = (("s_ema", "Ŝ {:.3g}%"), ("val_s_ratio", "val S {:.3g}%"))
+
+
 def _status(row: dict, target: float) -> str:
     parts = [] if row.get("s_ratio") is None else [
         f"S {100 * row['s_ratio']:.3g}%/{100 * target:.3g}%"]
+    parts += [fmt.format(100 * row[k]) for k, fmt in _S_VIEWS if row.get(k) is not None]
     parts += [fmt.format(row[k]) for k, fmt in _STATUS if row.get(k) is not None]
     return "  ".join(parts)
 
