@@ -268,8 +268,9 @@ def _interrupt(tmp_path, group: bool, args, cmd=None, started=None, one_blas_thr
         assert proc.poll() is None, _log(tmp_path)
         for pid in found if one_blas_thread else ():  # set by callbacks.py before the pool starts
             assert _worker_env(pid).get("OPENBLAS_NUM_THREADS") == "1"
-        for pid in found if children == "popen_loky_posix" else ():  # the launcher's start_worker
-            assert os.sched_getscheduler(pid) == os.SCHED_BATCH
+        if children == "popen_loky_posix":  # the launcher's start_worker, once the worker has run it
+            _wait_for(lambda: all(os.sched_getscheduler(pid) == os.SCHED_BATCH for pid in found), 30,
+                      "workers in SCHED_BATCH")
         t0 = time.monotonic()
         if group:
             os.killpg(proc.pid, sig)  # Ctrl-C in a terminal
