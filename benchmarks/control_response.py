@@ -13,7 +13,8 @@ have stopped) into ``outputs/control_response/<suite>``; then, per run, from ``m
 - raw S / Ŝ / val S band: min..max of (S − S*)/S* over the last third, S raw per step, Ŝ
   (what the controller holds), and S from ParamBPT and that evaluation's validation DataBPT;
 - stop: where the default saturation rule (replayed on the same rows) would have stopped, and
-  the raw S and Ŝ bands from there to 1.5× that step (what a run continued past its stop does);
+  the raw S and Ŝ bands from there to 1.5× that step (what a run continued past its stop does),
+  with the mean of the raw S there (the per-batch noise averaged out; a lagging D̄ shows as a bias);
 - kept: the adapter saturation.keep=best_in_band keeps at that stop (the evaluation up to the
   stop with S from validation in band and the lowest validation DataBPT): its step, that S
   relative to the target, its ParamBPT and its validation DataBPT;
@@ -61,6 +62,11 @@ def _rel(s: float, target: float) -> float:
 def _band(values) -> str:
     values = list(values)
     return f"{100 * min(values):+.1f}..{100 * max(values):+.1f} %" if values else "-"
+
+
+def _band_mean(values) -> str:
+    values = list(values)
+    return f"{_band(values)} (mean {100 * sum(values) / len(values):+.1f} %)" if values else "-"
 
 
 def _val_s(row: dict) -> float:
@@ -128,7 +134,7 @@ def analyse(run_dir: Path, cfg: SaturationConfig) -> dict:
         "lambda_end": rows[-1]["lambda"],
         "stop": stop,
         "s_val_at_stop": f"{100 * _rel(_val_s(at_stop[-1]), target):+.1f} %" if at_stop else "-",
-        "after_raw": _band(_rel(r["s_ratio"], target) for r in tail),
+        "after_raw": _band_mean(_rel(r["s_ratio"], target) for r in tail),
         "after_hat": _band(_rel(r["s_ema"], target) for r in tail),
         "kept": (f"{kept['step']} | {100 * _rel(_val_s(kept), target):+.1f} % | {kept['param_bpt']:.4f} | "
                  f"{kept['val_data_bpt']:.3f}") if kept else "- | - | - | -",

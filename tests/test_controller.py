@@ -1,6 +1,7 @@
 """PI controllers: hand-stepped traces of both laws, the control period, and closed loops on
 a simulated lagged-integrator plant (pure: no MLX)."""
 
+import json
 import math
 import random
 
@@ -97,6 +98,21 @@ def test_smoothing_data_bpt_leaves_param_bpt_exact():
     assert s.s_ema == pytest.approx(0.2 / 3.2)
 
 
+def test_epoch_smoothing_averages_the_last_window_of_data_bpt():
+    cfg = ControllerConfig(smooth="data_bpt_epoch", fixed=True)
+    s = initial_state(cfg, steps_per_epoch=3.2)
+    for d in (4.0, 2.0, 6.0, 8.0):
+        s = step(s, d, 0.1, T, cfg)
+    assert s.recent == (2.0, 6.0, 8.0) and s.d_ema == pytest.approx(16 / 3)
+    assert s.s_ema == pytest.approx(0.1 / (16 / 3 + 0.1))
+
+
+@pytest.mark.parametrize("steps_per_epoch,window", [(24.25, 24), (0.4, 1), (1e6, 33), (None, 33)])
+def test_the_epoch_window_is_one_epoch_and_at_most_one_over_alpha(steps_per_epoch, window):
+    assert initial_state(ControllerConfig(smooth="data_bpt_epoch", ema_alpha=0.03), steps_per_epoch).window == window
+    assert initial_state(ControllerConfig(ema_alpha=0.03), steps_per_epoch).window == 0  # the EMA keeps no window
+
+
 def test_control_period_moves_lambda_only_every_n_steps():
     cfg = ControllerConfig(law="incremental", error="absolute", smooth="s", control_every=5, ema_alpha=0.5,
                            deadband=0.0)
@@ -115,26 +131,32 @@ def test_fixed_keeps_lambda_but_tracks_s():
     assert s.lam == 3.0 and s.s_ema == pytest.approx(0.5)
 
 
-def test_state_round_trips_through_a_dict():
-    s = ControllerState(lam=0.5, integral=-0.1, s_ema=0.02, d_ema=3.1, steps=7)
+def test_state_round_trips_through_a_dict_and_json():
+    s = ControllerState(lam=0.5, integral=-0.1, s_ema=0.02, d_ema=3.1, steps=7, window=3, recent=(3.0, 3.1, 3.2))
     assert ControllerState.from_dict(s.to_dict()) == s
+    assert ControllerState.from_dict(json.loads(json.dumps(s.to_dict()))) == s  # a checkpoint's round trip
+    old = {k: v for k, v in s.to_dict().items() if k not in ("window", "recent")}  # a checkpoint from before the window
+    assert ControllerState.from_dict(old) == ControllerState(lam=0.5, integral=-0.1, s_ema=0.02, d_ema=3.1, steps=7)
 
 
 # --- closed loops on a simulated plant --------------------------------------------------
 
-def simulate(cfg, target, k=0.018, tau=3.0, steps=300, seed=0, drop_at=None, drop=1.0, free_rate=None):
+def simulate(cfg, target, k=0.018, tau=3.0, steps=300, seed=0, drop_at=None, drop=1.0, free_rate=None,
+             fall=0.0, steps_per_epoch=None):
     """Lagged integrator, the shape measured on SmolLM2 (README calibration): Adam moves the
     weights at a bounded rate, so d ln ParamBPT/dt = −k·(v − u_eq(t)), v a first-order lag (τ
     steps) of u = ln λ, and u_eq (the λ that holds S still) drifts up as LoRA-B grows. DataBPT
     (4 bits) is measured with ±12 % per-batch noise, as python_docs batches are, and falls to
     ``drop`` × itself from step ``drop_at`` on (training blocks coming round again). With
     ``free_rate``, ParamBPT grows at most that fast (ln per step): LoRA's free growth, which no
-    smaller λ speeds up. Returns the true S, Ŝ and λ per step."""
-    rng, st = random.Random(seed), initial_state(cfg)
+    smaller λ speeds up. With ``fall``, DataBPT falls by that much (ln per step) from ``drop_at``
+    on (the adapter memorising). Returns the true S, Ŝ and λ per step."""
+    rng, st = random.Random(seed), initial_state(cfg, steps_per_epoch)
     x, v, u_eq = math.log(4.0 * 0.0309 / (1 - 0.0309)), math.log(cfg.lambda_init), math.log(0.04)
     s_true, s_hat, lams = [], [], []
     for t in range(steps):
-        d = 4.0 * (drop if drop_at is not None and t >= drop_at else 1.0)
+        after = drop_at is not None and t >= drop_at
+        d = 4.0 * (drop * math.exp(-fall * (t - drop_at)) if after else 1.0)
         st = step(st, d * (1 + 0.12 * rng.gauss(0, 1)), math.exp(x), target, cfg)
         v += (math.log(st.lam) - v) / tau
         rate = -k * (v - (u_eq + 0.01 * t))
@@ -194,3 +216,18 @@ def test_a_drop_in_data_bpt_brings_a_lambda_ramp_not_a_spike(k, tau):
     assert peak < 0.6 * peak_fast
     assert max(abs(s / 0.03 - 1) for s in s_hat) < 0.10
     assert max(abs(s / 0.03 - 1) for s in settled) < 0.10
+
+
+@pytest.mark.parametrize("k,tau", [(0.006, 1.0), (0.018, 3.0), (0.054, 5.0)])
+def test_the_epoch_window_follows_a_falling_data_bpt_with_half_the_lag(k, tau):
+    """Memorisation: DataBPT falls 0.5 % per step from step 150. D̄ lags it, so the true S runs
+    above the target by about lag × 0.5 %: ~33 steps for the default EMA, ~12 (half an epoch
+    of 24 steps) for the epoch window. Mean excess over the last 100 steps: < 10 % with the
+    window, more than twice that with the EMA."""
+    def excess(cfg, steps_per_epoch=None):
+        s_true, _, _ = simulate(cfg, 0.03, k=k, tau=tau, drop_at=150, fall=0.005, steps_per_epoch=steps_per_epoch)
+        return sum(s / 0.03 - 1 for s in s_true[200:]) / 100
+
+    window = excess(ControllerConfig(smooth="data_bpt_epoch"), steps_per_epoch=24.25)
+    ema = excess(ControllerConfig())
+    assert 0 < window < 0.10 and ema > 2 * window

@@ -143,7 +143,7 @@ ALONE = {
     "data.max_tokens": _opt(_COUNT), "data.val_fraction": _float_in(0, 1), "data.split_seed": _int_at_least(0),
     "prior.sigma": lambda v: _POS(v) and v * v > 0,  # σ² divides the penalty: it must not underflow to 0
     "controller.law": _is("positional", "incremental"), "controller.error": _is("relative", "absolute"),
-    "controller.smooth": _is("data_bpt", "s"), "controller.control_every": _COUNT, "controller.e_max": _POS,
+    "controller.smooth": _is("data_bpt", "data_bpt_epoch", "s"), "controller.control_every": _COUNT, "controller.e_max": _POS,
     "controller.kp": _NONNEG, "controller.ki": _NONNEG, "controller.deadband": _NONNEG,
     "controller.ema_alpha": _float_in(0, 1, hi_open=False), "controller.leak": _float_in(0, 1, hi_open=False),
     "controller.i_min": _float_in(-math.inf, 0, hi_open=False), "controller.i_max": _float_in(0, math.inf, lo_open=False),

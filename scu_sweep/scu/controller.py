@@ -10,6 +10,10 @@ Two laws share one state and one config:
   the target, a continuous dead zone, and Ŝ = P/(D̄ + P) with only DataBPT smoothed, so the
   measurement carries no lag in the weights' term. A PI on an integrating plant: it settles
   and follows the weights' steady drift with zero error.
+
+D̄ is an EMA of DataBPT (``smooth=data_bpt``, ~1/α steps) or the mean of the last epoch's
+batches (``smooth=data_bpt_epoch``: every training block once, at most 1/α steps): half the
+lag on a DataBPT that keeps falling, at the price of a λ that holds still less.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Optional
 
 LAWS = ("positional", "incremental")
 ERRORS = ("relative", "absolute")
-SMOOTHS = ("data_bpt", "s")
+SMOOTHS = ("data_bpt", "data_bpt_epoch", "s")
 
 
 @dataclass
@@ -29,7 +33,7 @@ class ControllerConfig:
 
     law: str = "positional"  # positional | incremental (the seed's)
     error: str = "relative"  # relative: e = (Ŝ − S*)/S* | absolute: e = Ŝ − S* (the seed's)
-    smooth: str = "data_bpt"  # what the EMA smooths: data_bpt (Ŝ = P/(D̄+P)) | s (Ŝ = EMA of S, the seed's)
+    smooth: str = "data_bpt"  # D̄ an EMA of DataBPT (Ŝ = P/(D̄+P)) | data_bpt_epoch: D̄ the last epoch's mean | s (Ŝ = EMA of S, the seed's)
     control_every: int = 1  # training steps per λ update
     kp: float = 16.0
     ki: float = 1.2
@@ -54,19 +58,24 @@ class ControllerState:
     lam: float
     integral: float = 0.0
     s_ema: Optional[float] = None  # Ŝ, the S the law acts on; None until the first measurement
-    d_ema: Optional[float] = None  # D̄, the EMA of DataBPT (smooth=data_bpt)
+    d_ema: Optional[float] = None  # D̄, the smoothed DataBPT (smooth=data_bpt or data_bpt_epoch)
     steps: int = 0  # measurements taken
+    window: int = 0  # smooth=data_bpt_epoch: how many recent DataBPT D̄ averages
+    recent: tuple = ()  # ... and those values, oldest first
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ControllerState":
-        return cls(**d)
+        return cls(**{**d, "recent": tuple(d.get("recent", ()))})  # JSON brings a list back
 
 
-def initial_state(cfg: ControllerConfig) -> ControllerState:
-    return ControllerState(lam=cfg.lambda_init)
+def initial_state(cfg: ControllerConfig, steps_per_epoch: Optional[float] = None) -> ControllerState:
+    """λ₀ and, for ``smooth=data_bpt_epoch``, D̄'s window: one epoch, at most 1/α steps."""
+    cap = max(1, round(1 / cfg.ema_alpha))
+    window = cap if steps_per_epoch is None else min(max(1, round(steps_per_epoch)), cap)
+    return ControllerState(lam=cfg.lambda_init, window=window if cfg.smooth == "data_bpt_epoch" else 0)
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:
@@ -82,8 +91,10 @@ def smoothed(state: ControllerState, data_bits: float, param_bits: float, cfg: C
     if cfg.smooth == "s":
         return replace(state, s_ema=_ema(state.s_ema, param_bits / (data_bits + param_bits), cfg.ema_alpha),
                        steps=state.steps + 1)
-    d_ema = _ema(state.d_ema, data_bits, cfg.ema_alpha)
-    return replace(state, s_ema=param_bits / (d_ema + param_bits), d_ema=d_ema, steps=state.steps + 1)
+    recent = (state.recent + (data_bits,))[-state.window:] if state.window else ()
+    d_bar = sum(recent) / len(recent) if recent else _ema(state.d_ema, data_bits, cfg.ema_alpha)
+    return replace(state, s_ema=param_bits / (d_bar + param_bits), d_ema=d_bar, recent=recent,
+                   steps=state.steps + 1)
 
 
 def error(s_hat: float, target: float, cfg: ControllerConfig) -> float:

@@ -220,7 +220,8 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
         with once("eval"):
             return _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
 
-    state = ControllerState.from_dict(resumed["controller"]) if resumed else initial_state(ccfg)
+    state = (ControllerState.from_dict(resumed["controller"]) if resumed
+             else initial_state(ccfg, steps_per_epoch=len(corpus.train) / tc.batch_size))
     tokens_per_step = tc.batch_size * tc.seq_len
     best: dict = resumed.get("best", {})
     unreachable = resumed.get("unreachable")
