@@ -205,8 +205,8 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
     target = float(cfg.target_s)
     ccfg = ControllerConfig.from_mapping(cfg.controller)
     scfg = SaturationConfig.from_mapping(cfg.saturation)
-    detector = SaturationDetector(scfg, target, ccfg.lambda_min, ccfg.lambda_max,
-                                  steps_per_epoch=len(corpus.train) / tc.batch_size)
+    steps_per_epoch = len(corpus.train) / tc.batch_size
+    detector = SaturationDetector(scfg, target, ccfg.lambda_min, ccfg.lambda_max, steps_per_epoch=steps_per_epoch)
     coef = mdl.penalty_coef(cfg.prior.sigma, corpus.train_tokens)
     optimizer = make_optimizer(tc)
     rank, size = rank_size(group)
@@ -220,8 +220,7 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
         with once("eval"):
             return _evaluate_into(row, best, model, eval_ce, corpus, tc, group)
 
-    state = (ControllerState.from_dict(resumed["controller"]) if resumed
-             else initial_state(ccfg, steps_per_epoch=len(corpus.train) / tc.batch_size))
+    state = ControllerState.from_dict(resumed["controller"]) if resumed else initial_state(ccfg, steps_per_epoch)
     tokens_per_step = tc.batch_size * tc.seq_len
     best: dict = resumed.get("best", {})
     unreachable = resumed.get("unreachable")
