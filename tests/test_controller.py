@@ -110,7 +110,7 @@ def test_epoch_smoothing_averages_the_last_window_of_data_bpt():
 @pytest.mark.parametrize("steps_per_epoch,window", [(24.25, 24), (0.4, 1), (1e6, 33), (None, 33)])
 def test_the_epoch_window_is_one_epoch_and_at_most_one_over_alpha(steps_per_epoch, window):
     assert initial_state(ControllerConfig(smooth="data_bpt_epoch", ema_alpha=0.03), steps_per_epoch).window == window
-    assert initial_state(ControllerConfig(ema_alpha=0.03), steps_per_epoch).window == 0  # the EMA keeps no window
+    assert initial_state(ControllerConfig(smooth="data_bpt", ema_alpha=0.03), steps_per_epoch).window == 0  # the EMA keeps no window
 
 
 def test_control_period_moves_lambda_only_every_n_steps():
@@ -167,11 +167,16 @@ def simulate(cfg, target, k=0.018, tau=3.0, steps=300, seed=0, drop_at=None, dro
     return s_true, s_hat, lams
 
 
+EPOCH = 24.25  # steps per epoch of the default corpus (SmolLM2, 14,000 tokens of python_docs)
+
+
+@pytest.mark.parametrize("smooth", ["data_bpt_epoch", "data_bpt"])
 @pytest.mark.parametrize("target", [0.02, 0.05])
 @pytest.mark.parametrize("k,tau", [(0.006, 1.0), (0.018, 3.0), (0.054, 5.0)])
-def test_default_law_settles_on_a_lagged_integrator(target, k, tau):
-    """Gains ×1/3 and ×3 around the measured plant, lag 1–5 steps: S in ±10 % over the last third."""
-    trace, _, _ = simulate(ControllerConfig(), target, k=k, tau=tau)
+def test_default_law_settles_on_a_lagged_integrator(smooth, target, k, tau):
+    """Gains ×1/3 and ×3 around the measured plant, lag 1–5 steps, either D̄: S in ±10 % over the
+    last third."""
+    trace, _, _ = simulate(ControllerConfig(smooth=smooth), target, k=k, tau=tau, steps_per_epoch=EPOCH)
     last = trace[2 * len(trace) // 3:]
     assert max(abs(s / target - 1) for s in last) < 0.10
 
@@ -183,7 +188,7 @@ def test_the_lambda_floor_keeps_the_integral_out_of_the_free_growth_zone(k, tau)
     the integral winds into that dead zone and λ climbs back late: S overshoots by > 20 %.
     The default floor (1e-2) keeps the overshoot under 12 %."""
     def overshoot(cfg):
-        s, _, _ = simulate(cfg, 0.05, k=k, tau=tau, free_rate=0.013)
+        s, _, _ = simulate(cfg, 0.05, k=k, tau=tau, free_rate=0.013, steps_per_epoch=EPOCH)
         crossed = next(i for i, x in enumerate(s) if x >= 0.05)
         return max(s[crossed:]) / 0.05 - 1
 
@@ -204,30 +209,33 @@ def test_seed_law_updated_every_step_does_not_settle_on_the_same_plant():
 
 @pytest.mark.parametrize("k,tau", [(0.006, 1.0), (0.018, 3.0), (0.054, 5.0)])
 def test_a_drop_in_data_bpt_brings_a_lambda_ramp_not_a_spike(k, tau):
-    """An epoch boundary: DataBPT falls 20 % at once (repeated blocks). With D̄ over ~33 steps
-    (ema_alpha 0.03, the default) λ peaks at well under half the excursion of a 10-step D̄
-    (0.1), Ŝ stays within ±10 %, and S is back within ±10 % of the target 100 steps later."""
+    """An epoch boundary: DataBPT falls 20 % at once (repeated blocks). With an EMA D̄ over ~33
+    steps (``smooth=data_bpt``, ema_alpha 0.03) λ peaks at well under half the excursion of a
+    10-step D̄ (0.1), Ŝ stays within ±10 %, and S is back within ±10 % of the target 100 steps
+    later; the default epoch window is back as well."""
     def after_drop(cfg):
-        s_true, s_hat, lams = simulate(cfg, 0.03, k=k, tau=tau, drop_at=150, drop=0.8)
+        s_true, s_hat, lams = simulate(cfg, 0.03, k=k, tau=tau, drop_at=150, drop=0.8, steps_per_epoch=EPOCH)
         before = sum(lams[130:150]) / 20
         return max(lams[150:220]) / before, s_hat[150:], s_true[250:]
-    peak, s_hat, settled = after_drop(ControllerConfig())
-    peak_fast, _, _ = after_drop(ControllerConfig(ema_alpha=0.1))
+    peak, s_hat, settled = after_drop(ControllerConfig(smooth="data_bpt"))
+    peak_fast, _, _ = after_drop(ControllerConfig(smooth="data_bpt", ema_alpha=0.1))
     assert peak < 0.6 * peak_fast
     assert max(abs(s / 0.03 - 1) for s in s_hat) < 0.10
+    assert max(abs(s / 0.03 - 1) for s in settled) < 0.10
+    _, _, settled = after_drop(ControllerConfig())
     assert max(abs(s / 0.03 - 1) for s in settled) < 0.10
 
 
 @pytest.mark.parametrize("k,tau", [(0.006, 1.0), (0.018, 3.0), (0.054, 5.0)])
 def test_the_epoch_window_follows_a_falling_data_bpt_with_half_the_lag(k, tau):
     """Memorisation: DataBPT falls 0.5 % per step from step 150. D̄ lags it, so the true S runs
-    above the target by about lag × 0.5 %: ~33 steps for the default EMA, ~12 (half an epoch
-    of 24 steps) for the epoch window. Mean excess over the last 100 steps: < 10 % with the
-    window, more than twice that with the EMA."""
-    def excess(cfg, steps_per_epoch=None):
-        s_true, _, _ = simulate(cfg, 0.03, k=k, tau=tau, drop_at=150, fall=0.005, steps_per_epoch=steps_per_epoch)
+    above the target by about lag × 0.5 %: ~12 steps (half an epoch of 24) for the default epoch
+    window, ~33 for the EMA. Mean excess over the last 100 steps: < 10 % with the window, more
+    than twice that with the EMA."""
+    def excess(cfg):
+        s_true, _, _ = simulate(cfg, 0.03, k=k, tau=tau, drop_at=150, fall=0.005, steps_per_epoch=EPOCH)
         return sum(s / 0.03 - 1 for s in s_true[200:]) / 100
 
-    window = excess(ControllerConfig(smooth="data_bpt_epoch"), steps_per_epoch=24.25)
-    ema = excess(ControllerConfig())
+    window = excess(ControllerConfig())
+    ema = excess(ControllerConfig(smooth="data_bpt"))
     assert 0 < window < 0.10 and ema > 2 * window

@@ -231,10 +231,10 @@ def test_the_detector_counts_epochs_of_this_corpus_and_batch(tmp_path, monkeypat
     assert s["train_tokens"] % 64 == 0 and seen == [s["train_tokens"] / 64 / 3]
 
 
-def test_epoch_smoothing_holds_s_on_the_last_epochs_mean_data_bpt(tmp_path):
-    """controller.smooth=data_bpt_epoch: Ŝ = ParamBPT/(D̄ + ParamBPT), D̄ the mean DataBPT of the
-    last epoch's steps (training blocks / batch size, here fewer than 1/ema_alpha)."""
-    s, rows = run_inproc(tmp_path, ["controller.smooth=data_bpt_epoch", "data.max_tokens=4000", "train.batch_size=3",
+def test_the_default_holds_s_on_the_last_epochs_mean_data_bpt(tmp_path):
+    """The default (controller.smooth=data_bpt_epoch): Ŝ = ParamBPT/(D̄ + ParamBPT), D̄ the mean
+    DataBPT of the last epoch's steps (training blocks / batch size, here fewer than 1/ema_alpha)."""
+    s, rows = run_inproc(tmp_path, ["data.max_tokens=4000", "train.batch_size=3",
                                     "train.seq_len=64", "train.steps=30", "train.log_every=1",
                                     "saturation.enabled=false"])
     n = round(s["train_tokens"] / 64 / 3)

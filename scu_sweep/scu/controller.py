@@ -11,9 +11,10 @@ Two laws share one state and one config:
   measurement carries no lag in the weights' term. A PI on an integrating plant: it settles
   and follows the weights' steady drift with zero error.
 
-D̄ is an EMA of DataBPT (``smooth=data_bpt``, ~1/α steps) or the mean of the last epoch's
-batches (``smooth=data_bpt_epoch``: every training block once, at most 1/α steps): half the
-lag on a DataBPT that keeps falling, at the price of a λ that holds still less.
+D̄ is the mean DataBPT of the last epoch's batches (``smooth=data_bpt_epoch``, the default:
+every training block once, at most 1/α steps) or an EMA of DataBPT (``smooth=data_bpt``,
+~1/α steps): the window has half the EMA's lag on a DataBPT that keeps falling, so the logged
+S stays nearer the target once the adapter memorises, at the price of a λ that holds still less.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class ControllerConfig:
 
     law: str = "positional"  # positional | incremental (the seed's)
     error: str = "relative"  # relative: e = (Ŝ − S*)/S* | absolute: e = Ŝ − S* (the seed's)
-    smooth: str = "data_bpt"  # D̄ an EMA of DataBPT (Ŝ = P/(D̄+P)) | data_bpt_epoch: D̄ the last epoch's mean | s (Ŝ = EMA of S, the seed's)
+    smooth: str = "data_bpt_epoch"  # D̄ the last epoch's mean DataBPT (Ŝ = P/(D̄+P)) | data_bpt: D̄ an EMA | s (Ŝ = EMA of S, the seed's)
     control_every: int = 1  # training steps per λ update
     kp: float = 16.0
     ki: float = 1.2

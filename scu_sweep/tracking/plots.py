@@ -101,7 +101,7 @@ def plot_run(run_dir: Path, summary: dict | None = None) -> Path:
     ax_s.plot(x, [100 * v for v in s], lw=1, alpha=0.6, label="S")
     x2, se = _series(metrics, "s_ema")
     if x2:
-        ax_s.plot(x2, [100 * v for v in se], lw=1.5, label="Ŝ (EMA)")
+        ax_s.plot(x2, [100 * v for v in se], lw=1.5, label="Ŝ (the controller's, smoothed)")
     if target is not None:
         ax_s.axhline(100 * target, color="k", ls="--", lw=1, label=f"target {100 * target:.3g} %")
         ax_s.axhspan(100 * target * (1 - tol), 100 * target * (1 + tol), color="green",
