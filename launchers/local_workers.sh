@@ -8,6 +8,8 @@
 # basic launcher (one job at a time, one BLAS thread: DESIGN §4 measured 2 single-thread
 # processes at 1.7x one 2-thread process). hydra.sweeper.n_trials counts per worker.
 # All workers write into one sweep dir; job subdirs are trial numbers, so none collide.
+# Each is hydra.sweeper.worker=i: rerun after a kill, worker i counts only its own finished
+# trials (not those of a sibling that finished before it started).
 #
 # Environment (all optional):
 #   SWEEP_DIR  sweep dir shared by the workers   (default outputs/multirun/workers-<time>)
@@ -34,7 +36,7 @@ pids=()
 for ((i = 0; i < n; i++)); do
   "${app[@]}" -m hydra/sweeper=optuna hydra/launcher=basic "hydra.sweep.dir=$sweep_dir" \
     "hydra.sweeper.storage='$storage'" "hydra.sweeper.study_name=$study" \
-    hydra.sweeper.load_if_exists=true hydra.sweeper.n_jobs=1 "$@" \
+    hydra.sweeper.load_if_exists=true hydra.sweeper.n_jobs=1 "hydra.sweeper.worker=$i" "$@" \
     > "$sweep_dir/worker_$i.log" 2>&1 &
   pids+=($!)
 done

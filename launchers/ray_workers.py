@@ -23,11 +23,12 @@ import subprocess
 import sys
 
 
-def worker_command(app: str, sweep_dir: str, storage: str, study: str, extra: list) -> list:
+def worker_command(app: str, sweep_dir: str, storage: str, study: str, extra: list, index: int = 0) -> list:
+    """Worker ``index``'s sweep process (``hydra.sweeper.worker``: a restart counts only its own trials)."""
     return [*shlex.split(app), "-m", "hydra/sweeper=optuna", "hydra/launcher=basic",
             f"hydra.sweep.dir={sweep_dir}",
             f"hydra.sweeper.storage='{storage}'", f"hydra.sweeper.study_name={study}",
-            "hydra.sweeper.load_if_exists=true", "hydra.sweeper.n_jobs=1", *extra]
+            "hydra.sweeper.load_if_exists=true", "hydra.sweeper.n_jobs=1", f"hydra.sweeper.worker={index}", *extra]
 
 
 def main() -> int:
@@ -51,7 +52,7 @@ def main() -> int:
 
     @ray.remote(num_cpus=args.cpus_per_worker)
     def sweep_worker(index: int) -> tuple:
-        cmd = worker_command(args.app, args.sweep_dir, args.storage, args.study, args.overrides)
+        cmd = worker_command(args.app, args.sweep_dir, args.storage, args.study, args.overrides, index)
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
         return index, proc.returncode, proc.stderr[-2000:]
 

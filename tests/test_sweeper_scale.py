@@ -129,6 +129,21 @@ def test_local_workers_script_shares_one_study(tmp_path):
     assert res["dashboard"] == f"optuna-dashboard {sw}/optuna.journal"
 
 
+def test_a_worker_that_starts_after_its_sibling_finished_runs_its_own_trials(tmp_path):
+    """local_workers.sh on a loaded machine: worker 0 runs its trials and exits before worker 1
+    starts. Worker 1 must still run its own n_trials, not take worker 0's finished trials for
+    its own from before a kill; worker 0 rerun counts its own as done."""
+    sw = tmp_path / "sw"
+    storage = f"journal:{sw}/optuna.journal"
+    common = ("x=interval(0,1)", "hydra.sweeper.n_trials=2", "steps=2", "hydra/launcher=basic",
+              f"hydra.sweeper.storage='{storage}'", "hydra.sweeper.study_name=workers")
+    h.run_app(sw, *common, "hydra.sweeper.worker=0")
+    h.run_app(sw, *common, "hydra.sweeper.worker=1")
+    assert len(h.load_study(storage, "workers").trials) == 4
+    h.run_app(sw, *common, "hydra.sweeper.worker=0")
+    assert len(h.load_study(storage, "workers").trials) == 4
+
+
 def test_slurm_launcher_config_composes():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_dir

@@ -42,6 +42,7 @@ SWEEP_ATTR = "scu_sweep.sweep_dir"  # which sweep dir ran the trial (its restart
 JOB_ATTR = "scu_sweep.job_num"  # the job dir a re-queued trial continues in
 INTERRUPTED_ATTR = "scu_sweep.interrupted"
 OWNER_ATTR = "scu_sweep.owner"  # the sweep process running the trial (resume.process_token)
+WORKER_ATTR = "scu_sweep.worker"  # hydra.sweeper.worker of that process (several workers share a sweep dir)
 
 
 def _job_dir(ret: Optional[JobReturn]) -> Optional[Path]:
@@ -172,8 +173,9 @@ class OptunaSweeperImpl(Sweeper):
                     self.study.enqueue_trial(t.params, user_attrs={
                         JOB_ATTR: t.user_attrs.get(JOB_ATTR, t.number), SWEEP_ATTR: str(self.sweep_dir)})
                 log.warning("trial %d was interrupted: %s", t.number, "re-queued" if t.params else "dropped")
-            elif t.state.is_finished() and not t.user_attrs.get(INTERRUPTED_ATTR):
-                done += 1
+            elif (t.state.is_finished() and not t.user_attrs.get(INTERRUPTED_ATTR)
+                  and t.user_attrs.get(WORKER_ATTR) == self.cfg["worker"]):
+                done += 1  # not a sibling worker's that finished before this one started
         return done
 
     def _job_overrides(self, params: Dict[str, Any], trial_number: int) -> List[str]:
@@ -248,6 +250,8 @@ class OptunaSweeperImpl(Sweeper):
                     trial = self.study.ask(self.space)
                     trial.set_user_attr(SWEEP_ATTR, str(self.sweep_dir))
                     trial.set_user_attr(OWNER_ATTR, self.owner)
+                    if self.cfg["worker"] is not None:
+                        trial.set_user_attr(WORKER_ATTR, self.cfg["worker"])
                 self._run_trial(trial)
         except BaseException as e:  # e.g. the storage went away: stop, re-raised by sweep()
             with self._lock:

@@ -92,6 +92,8 @@ class OptunaSweeperConf:
     direction: str = "minimize"  # minimize | maximize
     objective: str = "final.val_data_bpt"  # dotted key read from each job's summary.json
     n_trials: int = 20  # trials this sweep process runs (several processes add up)
+    worker: Optional[str] = None  # which of several processes on one sweep dir this is (launchers/local_workers.sh):
+    # a restart counts only this worker's finished trials towards its n_trials
     n_jobs: int = 1  # trials in flight at once; each finished trial frees its slot
     seed: Optional[int] = None  # sampler seed
     study_name: Optional[str] = None  # null = a generated name
