@@ -129,6 +129,7 @@ def test_local_workers_script_shares_one_study(tmp_path):
     assert res["dashboard"] == f"optuna-dashboard {sw}/optuna.journal"
 
 
+@pytest.mark.slow
 def test_a_worker_that_starts_after_its_sibling_finished_runs_its_own_trials(tmp_path):
     """local_workers.sh on a loaded machine: worker 0 runs its trials and exits before worker 1
     starts. Worker 1 must still run its own n_trials, not take worker 0's finished trials for

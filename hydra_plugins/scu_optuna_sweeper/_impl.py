@@ -153,7 +153,9 @@ class OptunaSweeperImpl(Sweeper):
         """After a kill: this sweep dir's RUNNING trials whose sweep process is gone are marked
         interrupted, told FAIL and re-queued with their parameters (continuing in their job
         dir); those of a live process (or one on another host) are left alone. Returns how
-        many of this sweep dir's trials had finished in processes that are gone."""
+        many of this sweep dir's trials had finished in processes that are gone, counting only
+        those of this ``hydra.sweeper.worker`` (a sibling worker may have finished before this
+        one started)."""
         done = 0
         for t in self.study.get_trials(deepcopy=False):
             running = t.state == optuna.trial.TrialState.RUNNING
