@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -95,3 +96,34 @@ def test_the_first_training_step_waits_for_a_build_in_progress(tmp_path):
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-2000:]
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+PCH_CHILD = """
+import sys
+import mlx.core as mx
+from scu_sweep.training.kernel_cache import built_once, precompiled_header
+x = mx.arange(8, dtype=mx.float32)
+with built_once(sys.argv[1]):
+    y = mx.compile(lambda v: mx.exp(v * 0.25 - 1.0) * v)(x)
+    mx.eval(y)
+print(precompiled_header().exists(), mx.allclose(y, mx.exp(x * 0.25 - 1.0) * x).item())
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="MLX builds CPU kernels with g++")
+def test_mlx_builds_a_new_kernel_with_the_precompiled_preamble(tmp_path):
+    """g++ -H prints '! <file>.gch' for a precompiled header it uses: a g++ first on PATH adds -H
+    and logs that, so the test sees whether MLX's own build command found the header."""
+    log, bin_dir = tmp_path / "gxx.log", tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "g++"
+    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("g++")} -H "$@" 2>>{log}\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-c", PCH_CHILD, uuid.uuid4().hex], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
+    used = [line for line in log.read_text().splitlines() if line.startswith("! ")]
+    assert used and all(line.endswith("compiled_preamble.h.gch") for line in used), log.read_text()[-2000:]
