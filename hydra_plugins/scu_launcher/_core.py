@@ -34,6 +34,7 @@ from joblib.externals.loky.process_executor import (
 )
 
 from scu_sweep.sweeps.lifeline import die_with_parent
+from scu_sweep.training import core_share
 from scu_sweep.training.backend import batch_scheduling
 
 from ._failures import COMPOSE_LOCK, dead_job, death, failed_job
@@ -43,19 +44,22 @@ log = logging.getLogger(__name__)
 _POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()
 
 
-def start_worker(parent: int) -> None:
-    """A worker's initializer: die with the sweep process, and run as a batch (CPU-bound) task,
-    since the jobs of a sweep may outnumber the cores (``n_slots``)."""
+def start_worker(parent: int, share: Optional[tuple] = None) -> None:
+    """A worker's initializer: die with the sweep process, run as a batch (CPU-bound) task,
+    since the jobs of a sweep may outnumber the cores (``n_slots``), and take the cores of
+    finished jobs (``training.core_share``)."""
     die_with_parent(parent)
     batch_scheduling()
+    core_share.use(share)
 
 
 class Slot:
     """One job at a time, in the single worker process of its own pool."""
 
-    def __init__(self) -> None:
+    def __init__(self, share: Optional[tuple] = None) -> None:
         self.executor: Optional[ProcessPoolExecutor] = None
         self.workers: List[Any] = []  # the pool's worker processes, for their exit codes
+        self.share = share
 
     def submit(self, *args: Any) -> Any:
         for _ in range(2):
@@ -63,7 +67,7 @@ class Slot:
             if new:
                 self.executor = ProcessPoolExecutor(max_workers=1, context=get_context("loky"),
                                                     initializer=start_worker,
-                                                    initargs=(os.getpid(),))
+                                                    initargs=(os.getpid(), self.share))
             try:
                 future = self.executor.submit(execute_job, *args)
             except (BrokenProcessPool, ShutdownExecutorError):  # its worker died while idle
@@ -88,10 +92,22 @@ class Pool:
     def __init__(self, size: int) -> None:
         self.size = size
         self.cond = threading.Condition()
-        self.slots = [Slot() for _ in range(size)]
+        # one BLAS thread per job, chosen by sweeps.callbacks: the jobs left take the idle cores
+        self.share = core_share.create(cpu_count()) if size > 1 and os.environ.get(core_share.ENV_VAR) else None
+        if self.share is not None:
+            atexit.register(core_share.remove, self.share)
+        self.running = 0  # as last published
+        self.slots = [Slot(self.share) for _ in range(size)]
         self.free = list(self.slots)
         self.launches = 0  # launches in progress
         self.stopped = False
+
+    def publish(self) -> None:
+        """Under ``cond``: tell the workers how many jobs run now, if that changed."""
+        running = self.size - len(self.free)
+        if self.share is not None and running != self.running:
+            core_share.publish(self.share, running)
+            self.running = running
 
     def wake(self, _future: Any = None) -> None:
         with self.cond:
@@ -195,6 +211,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]],
                 started = []
                 while todo and pool.free:
                     started.append((todo.popleft(), pool.free.pop()))
+                pool.publish()  # freed slots count once new jobs took them, not in between
                 if not started and not any(f.done() for f in running):
                     pool.cond.wait(timeout=0.5)  # woken by finished jobs and freed slots
                     continue

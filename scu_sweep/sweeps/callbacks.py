@@ -12,6 +12,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from ..tracking.report import write_sweep_report
+from ..training import core_share
 from .resume import DirLock
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class SweepReport(Callback):
         """Hold the sweep dir (a restart of the same command will not pick a live sweep).
 
         Worker processes inherit this environment: with several jobs in flight each
-        gets one BLAS thread (two one-thread processes beat one two-thread process, DESIGN §4)."""
+        starts with one BLAS thread (two one-thread processes beat one two-thread process, DESIGN §4)."""
         check_writable(str(config.hydra.sweep.dir), "hydra.sweep.dir")
         self._started = time.perf_counter()
         try:
@@ -51,8 +52,13 @@ class SweepReport(Callback):
             log.warning("%s is held by another live sweep", config.hydra.sweep.dir)
         n_jobs = config.hydra.launcher.get("n_jobs", 1)
         if n_jobs != 1:
+            # threads the user set stay; ours (marked, also from an earlier sweep in this process)
+            # follow the jobs running: the cores of finished jobs go to the rest (core_share)
+            ours = os.environ.get(core_share.ENV_VAR) == "1" or not any(v in os.environ for v in THREAD_VARS)
             for var in THREAD_VARS:
-                os.environ.setdefault(var, "1")
+                os.environ[var] = "1" if ours else os.environ.get(var, "1")
+            if ours:
+                os.environ[core_share.ENV_VAR] = "1"
 
     def on_multirun_end(self, config, **kwargs) -> None:
         path = write_sweep_report(Path(config.hydra.sweep.dir))

@@ -21,7 +21,7 @@ from ..scu import mdl
 from ..scu.controller import ControllerConfig, ControllerState, initial_state
 from ..scu.controller import step as control_step
 from ..scu.saturation import SaturationConfig, SaturationDetector, keeps
-from . import checkpoint, kernel_cache
+from . import checkpoint, core_share, kernel_cache
 from .data import Corpus, batch_indices, val_batches
 from .losses import causal_lm_loss
 
@@ -232,6 +232,8 @@ def train(model, corpus: Corpus, cfg, log_row: Callable[[dict], None], reporter=
     p_init = sum_sq(model.trainable_parameters()).item() * coef / mdl.LN2 if bits_start is None else None
     first = resumed.get("step", 0) + 1
     for step in range(first, tc.steps + 1):
+        if group is None:  # ranks keep one thread each
+            core_share.follow()
         rows = batch_indices(step - 1, len(corpus.train), tc.batch_size, tc.seed)
         b = mx.array(corpus.train[rows[rank::size]])
         mx.random.seed(tc.seed * 1_000_003 + step)  # dropout masks depend on (seed, step) alone: resumable
