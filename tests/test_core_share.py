@@ -105,6 +105,6 @@ def test_the_last_job_of_a_multirun_takes_the_finished_jobs_core(tmp_path):
 
 def test_threads_the_user_set_stay(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = _sweep(["-m", *FAST, "train.steps=2,30", f"hydra.sweep.dir={sweep}"], OPENBLAS_NUM_THREADS="1")
+    proc = _sweep(["-m", *FAST, "train.steps=2,300", f"hydra.sweep.dir={sweep}"], OPENBLAS_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "BLAS thread" not in (sweep / "1" / "__main__.log").read_text()
