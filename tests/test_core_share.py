@@ -3,6 +3,7 @@ result does not depend on how many threads computed it."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -47,7 +48,7 @@ def test_follow_sets_openblas_threads_from_the_launchers_count(tmp_path):
 
 
 @needs_fast_blas
-def test_a_smollm2_sized_matmul_is_bitwise_the_same_with_one_or_two_threads(tmp_path):
+def test_a_smollm2_sized_matmul_is_bitwise_the_same_with_one_two_or_four_threads(tmp_path):
     """OpenBLAS splits the output among threads, never a sum: the projections and the output
     head of a SmolLM2 step (batch 4 x 128 tokens), forward and input-gradient shapes."""
     out = run_child(
@@ -60,17 +61,17 @@ def test_a_smollm2_sized_matmul_is_bitwise_the_same_with_one_or_two_threads(tmp_
         pairs = [(mx.array(rng.standard_normal((m, k), dtype=np.float32)),
                   mx.array(rng.standard_normal((k, n), dtype=np.float32))) for m, k, n in shapes]
         results = {}
-        for threads in (1, 2):
+        for threads in (1, 2, 4):
             backend.set_blas_threads(threads)
             out[f"threads_{threads}"] = backend._lib.openblas_get_num_threads()
             results[threads] = [np.array(a @ b) for a, b in pairs]
-        out["same"] = [bool(np.array_equal(x, y)) for x, y in zip(results[1], results[2])]
+        out["same"] = [[bool(np.array_equal(x, y)) for x, y in zip(results[1], results[t])] for t in (2, 4)]
         out["nonzero"] = [float(np.abs(x).mean()) > 0 for x in results[1]]
         """,
         tmp_path,
     )
-    assert out["threads_1"] == 1 and out["threads_2"] == 2
-    assert all(out["nonzero"]) and out["same"] == [True] * 5
+    assert [out["threads_1"], out["threads_2"], out["threads_4"]] == [1, 2, 4]
+    assert all(out["nonzero"]) and out["same"] == [[True] * 5] * 2
 
 
 FAST = ["model=tiny", "logger=none", "train.eval_every=10", "train.val_batches=2", "saturation.enabled=false"]
@@ -103,8 +104,72 @@ def test_the_last_job_of_a_multirun_takes_the_finished_jobs_core(tmp_path):
         json.loads((single / "summary.json").read_text())["final"]
 
 
+@needs_fast_blas
 def test_threads_the_user_set_stay(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = _sweep(["-m", *FAST, "train.steps=2,300", f"hydra.sweep.dir={sweep}"], OPENBLAS_NUM_THREADS="1")
+    proc = _sweep(["-m", *FAST, "train.steps=2,300", f"hydra.sweep.dir={sweep}"], OPENBLAS_NUM_THREADS="2")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "BLAS thread" not in (sweep / "1" / "__main__.log").read_text()
+    log = (sweep / "1" / "__main__.log").read_text()
+    assert "threads=2 from" in log and "BLAS thread" not in log  # preloaded with the user's 2, never changed
+
+
+def test_the_launcher_publishes_more_jobs_at_once_and_fewer_after_a_pause(monkeypatch):
+    """Between two Optuna trials a slot is free for a moment: that is not yet fewer jobs."""
+    from hydra_plugins.scu_launcher import _core
+
+    monkeypatch.setenv(core_share.ENV_VAR, "1")
+    clock = [100.0]
+    monkeypatch.setattr(_core.time, "monotonic", lambda: clock[0])
+    pool = _core.Pool(3)
+    read = lambda: int(open(pool.share[0]).read())  # noqa: E731
+    taken = [pool.free.pop() for _ in range(3)]
+    pool.publish()
+    assert read() == 3
+    pool.free.append(taken.pop())
+    pool.publish()
+    clock[0] += 1.0
+    pool.publish()
+    assert read() == 3  # a moment: the next trial may take the slot
+    pool.free.pop()
+    pool.publish()
+    pool.free.append(taken.pop())
+    clock[0] += 1.5
+    pool.publish()
+    assert read() == 3  # the pause started again when the slot was taken
+    clock[0] += _core.FEWER_AFTER_S
+    pool.publish()
+    assert read() == 2
+    path = pool.share[0]
+    del pool
+    gc.collect()
+    assert not os.path.exists(path)  # the file goes with its pool
+
+
+def test_no_shared_cores_unless_the_sweep_chose_the_threads(monkeypatch):
+    from hydra_plugins.scu_launcher import _core
+
+    monkeypatch.delenv(core_share.ENV_VAR, raising=False)
+    assert _core.Pool(3).share is None
+    monkeypatch.setenv(core_share.ENV_VAR, "1")
+    assert _core.Pool(1).share is None and _core.Pool(2).share is not None
+
+
+@pytest.mark.parametrize("user", [None, "4"])
+def test_a_sweep_sets_one_thread_per_job_and_puts_the_environment_back(tmp_path, monkeypatch, user):
+    from omegaconf import OmegaConf
+
+    from scu_sweep.sweeps.callbacks import SweepReport
+
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", core_share.ENV_VAR):
+        monkeypatch.delenv(var, raising=False)
+    if user:
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", user)
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "launcher": {"n_jobs": -1}}})
+    cb = SweepReport()
+    cb.on_multirun_start(cfg)
+    during = {v: os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", core_share.ENV_VAR)}
+    cb.on_multirun_end(cfg)
+    after = {v: os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", core_share.ENV_VAR)}
+    assert during == {"OPENBLAS_NUM_THREADS": user or "1", "OMP_NUM_THREADS": "1",
+                      core_share.ENV_VAR: None if user else "1"}
+    assert after == {"OPENBLAS_NUM_THREADS": user, "OMP_NUM_THREADS": None, core_share.ENV_VAR: None}

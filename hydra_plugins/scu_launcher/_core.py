@@ -18,6 +18,7 @@ import collections
 import logging
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -42,6 +43,7 @@ from ._failures import COMPOSE_LOCK, dead_job, death, failed_job
 log = logging.getLogger(__name__)
 
 _POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+FEWER_AFTER_S = 2.0
 
 
 def start_worker(parent: int, share: Optional[tuple] = None) -> None:
@@ -56,7 +58,7 @@ def start_worker(parent: int, share: Optional[tuple] = None) -> None:
 class Slot:
     """One job at a time, in the single worker process of its own pool."""
 
-    def __init__(self, share: Optional[tuple] = None) -> None:
+    def __init__(self, share: Optional[tuple]) -> None:
         self.executor: Optional[ProcessPoolExecutor] = None
         self.workers: List[Any] = []  # the pool's worker processes, for their exit codes
         self.share = share
@@ -93,21 +95,33 @@ class Pool:
         self.size = size
         self.cond = threading.Condition()
         # one BLAS thread per job, chosen by sweeps.callbacks: the jobs left take the idle cores
-        self.share = core_share.create(cpu_count()) if size > 1 and os.environ.get(core_share.ENV_VAR) else None
+        self.share = None
+        if size > 1 and os.environ.get(core_share.ENV_VAR) == "1":
+            self.share = core_share.create(cpu_count())
         if self.share is not None:
-            atexit.register(core_share.remove, self.share)
+            weakref.finalize(self, core_share.remove, self.share)
         self.running = 0  # as last published
+        self.fewer_since: Optional[float] = None  # when fewer jobs than published began to run
         self.slots = [Slot(self.share) for _ in range(size)]
         self.free = list(self.slots)
         self.launches = 0  # launches in progress
         self.stopped = False
 
     def publish(self) -> None:
-        """Under ``cond``: tell the workers how many jobs run now, if that changed."""
+        """Under ``cond``: tell the workers how many jobs run now, if that changed; fewer only
+        after ``FEWER_AFTER_S`` (the optuna sweeper starts each trial's job in a new launch, so
+        between two trials a slot is free for a moment)."""
         running = self.size - len(self.free)
-        if self.share is not None and running != self.running:
-            core_share.publish(self.share, running)
-            self.running = running
+        if self.share is None or running == self.running:
+            self.fewer_since = None
+            return
+        if running < self.running:
+            now = time.monotonic()
+            self.fewer_since = self.fewer_since or now
+            if now - self.fewer_since < FEWER_AFTER_S:
+                return
+        core_share.publish(self.share, running)
+        self.running, self.fewer_since = running, None
 
     def wake(self, _future: Any = None) -> None:
         with self.cond:

@@ -35,6 +35,7 @@ def check_writable(directory: str, key: str) -> None:
 class SweepReport(Callback):
     _started: float = 0.0
     _lock = None
+    _env_before: dict = {}
 
     def on_run_start(self, config, **kwargs) -> None:
         check_writable(str(config.hydra.run.dir), "hydra.run.dir")
@@ -50,17 +51,21 @@ class SweepReport(Callback):
             self._lock = DirLock(Path(config.hydra.sweep.dir))
         except OSError:
             log.warning("%s is held by another live sweep", config.hydra.sweep.dir)
-        n_jobs = config.hydra.launcher.get("n_jobs", 1)
-        if n_jobs != 1:
-            # threads the user set stay; ours (marked, also from an earlier sweep in this process)
-            # follow the jobs running: the cores of finished jobs go to the rest (core_share)
-            ours = os.environ.get(core_share.ENV_VAR) == "1" or not any(v in os.environ for v in THREAD_VARS)
+        self._env_before = {v: os.environ.get(v) for v in (*THREAD_VARS, core_share.ENV_VAR)}
+        if config.hydra.launcher.get("n_jobs", 1) != 1:
+            # threads the user set stay; ours follow the jobs running (core_share)
+            ours = not any(v in os.environ for v in THREAD_VARS)
             for var in THREAD_VARS:
-                os.environ[var] = "1" if ours else os.environ.get(var, "1")
+                os.environ.setdefault(var, "1")
             if ours:
                 os.environ[core_share.ENV_VAR] = "1"
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        for var, value in self._env_before.items():  # as before the sweep: a next one decides anew
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
         path = write_sweep_report(Path(config.hydra.sweep.dir))
         log.info("sweep report: %s", path)
         log.info("sweep finished in %.0f s (model loads included)", time.perf_counter() - self._started)

@@ -31,11 +31,15 @@ _spec: Optional[tuple] = None  # (the running-jobs file, cores) in a worker
 _threads = 0  # BLAS threads this process last set (0: none yet)
 
 
-def create(cores: int) -> tuple:
-    """A new running-jobs file (0 running) for a launcher with ``cores`` cores; its spec."""
-    fd, path = tempfile.mkstemp(prefix="scu_sweep-running-", suffix=".txt")
-    os.write(fd, b"0")
-    os.close(fd)
+def create(cores: int) -> Optional[tuple]:
+    """A new running-jobs file (0 running) for a launcher with ``cores`` cores; its spec, or
+    None where no temp file can be made (the jobs then keep one thread each)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="scu_sweep-running-", suffix=".txt")
+    except OSError:
+        return None
+    with os.fdopen(fd, "w") as f:
+        f.write("0")
     return path, cores
 
 
@@ -43,9 +47,12 @@ def publish(spec: tuple, running: int) -> None:
     """Say that ``running`` jobs run now (atomically: a reader never sees a half-written file)."""
     path = Path(spec[0])
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(OSError):
+    try:
         tmp.write_text(str(running))
         os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def use(spec: Optional[tuple]) -> None:
@@ -79,8 +86,7 @@ def follow() -> int:
     return n
 
 
-def remove(spec: Optional[tuple]) -> None:
-    """Delete the running-jobs file (the launcher, at exit)."""
-    if spec is not None:
-        with contextlib.suppress(OSError):
-            Path(spec[0]).unlink()
+def remove(spec: tuple) -> None:
+    """Delete the running-jobs file (the launcher, when its pool goes)."""
+    with contextlib.suppress(OSError):
+        Path(spec[0]).unlink()

@@ -47,29 +47,37 @@ def precompiled_header() -> Path:
     return kernel_dir() / f"{PREAMBLE}.gch"
 
 
+_pch_failed = False  # this process tried and failed: it does not try again for each graph
+
+
 def build_precompiled_header() -> bool:
     """Precompile MLX's kernel preamble into the kernel directory, unless it is there; True when
-    it is there now. A failure (no g++, no headers) only leaves the builds at their usual speed."""
-    out = precompiled_header()
-    if out.exists():
-        return True
-    include = Path(mlx.__path__[0]) / "include"
-    if not (include / PREAMBLE).is_file():
+    it is there now. A failure (no g++, no headers, a read-only directory) only leaves the builds
+    at their usual speed."""
+    global _pch_failed
+    if _pch_failed:
         return False
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    tmp = None
     try:
+        out = precompiled_header()
+        if out.exists():
+            return True
+        include = Path(mlx.__path__[0]) / "include"
         out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
         done = subprocess.run(["g++", *JIT_FLAGS, "-I", str(include), "-x", "c++-header", str(include / PREAMBLE),
                                "-o", str(tmp)], capture_output=True, timeout=300)
-        if done.returncode != 0:
-            return False
-        os.replace(tmp, out)
-    except (OSError, subprocess.SubprocessError):
-        return False
+        if done.returncode == 0:
+            os.replace(tmp, out)
+            return True
+    except (OSError, subprocess.SubprocessError, AttributeError, IndexError):
+        pass
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-    return True
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    _pch_failed = True
+    return False
 
 
 def _marker(key: str) -> Path:
