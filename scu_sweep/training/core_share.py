@@ -9,7 +9,7 @@ OpenBLAS splits a matmul's output among its threads and sums each output element
 order, so a step gives the same result, bit for bit, with one thread or two
 (``tests/test_core_share.py``): only the speed changes.
 
-Imports only the standard library and ``training.backend`` (no MLX).
+Imports only the standard library, ``records`` and ``training.backend`` (no MLX).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ..records import atomic_write_text
 from . import backend
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,8 @@ def create(cores: int) -> Optional[tuple]:
 
 def publish(spec: tuple, running: int) -> None:
     """Say that ``running`` jobs run now (atomically: a reader never sees a half-written file)."""
-    path = Path(spec[0])
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(str(running))
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    with contextlib.suppress(OSError):
+        atomic_write_text(Path(spec[0]), str(running))
 
 
 def use(spec: Optional[tuple]) -> None:
