@@ -13,11 +13,10 @@ from hydra.experimental.callback import Callback
 
 from ..tracking.report import write_sweep_report
 from ..training import core_share
+from ..training.backend import THREAD_VARS
 from .resume import DirLock
 
 log = logging.getLogger(__name__)
-
-THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 
 def check_writable(directory: str, key: str) -> None:

@@ -37,7 +37,7 @@ from scu_sweep.paths import cache_dir
 ENV_VAR = "SCU_SWEEP_BLAS"
 _OFF = {"off", "0", "false", "no", "stock"}
 _CMEEL_LIB = "cmeel.prefix/lib/libopenblas.so.0"
-_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")  # what a BLAS reads for its threads
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def set_blas_threads(n: int, env: MutableMapping[str, str] | None = None) -> Non
     if n < 1:
         raise ValueError(f"BLAS threads must be >= 1, got {n}")
     target = os.environ if env is None else env
-    for var in _THREAD_VARS:
+    for var in THREAD_VARS:
         target[var] = str(n)
     setter = getattr(_lib, "openblas_set_num_threads", None) if env is None else None
     if setter is not None:
