@@ -58,6 +58,7 @@ ROWS = [  # (worker, table label, step variant)
 ]
 CODES = ("mlx-lm", "project")
 SIGMA, TRAIN_TOKENS = 0.1, 1_000_000  # prior sigma and N of the penalty; any values time the same
+VAL_BLOCKS, VAL_BATCHES = 11, 4  # the main job's validation pass: 1,408 tokens = 11 blocks; train.val_batches
 
 
 def reference_ce(model, x, y):
@@ -72,14 +73,16 @@ def build_mlx_step(variant: str, code: str, batch: int, seq: int, group=None) ->
     """A zero-argument callable that runs one training step and waits for it.
 
     ``scu``: ``scu_sweep.training.loop.make_train_step`` (CE + λ·coef·Σw², also returns CE and
-    Σw²). ``plain``: the same LoRA step with no penalty and no Σw² at all. With a
-    distributed ``group`` this rank takes rows ``rank::size`` of the global batch.
-    The step is traced here (two calls), under the chosen code.
+    Σw²). ``plain``: the same LoRA step with no penalty and no Σw² at all. ``eval``: one
+    validation pass as the loop runs it (``loop.evaluate`` over ``VAL_BLOCKS`` blocks in
+    batches of ``batch``). With a distributed ``group`` this rank takes rows ``rank::size``
+    of the global batch. The step is traced here (two calls), under the chosen code.
     """
     from functools import partial
 
     import mlx.core as mx
     import mlx.nn as nn
+    import numpy as np
     from mlx_lm.models.llama import Model, ModelArgs
     from omegaconf import OmegaConf
 
@@ -87,6 +90,7 @@ def build_mlx_step(variant: str, code: str, batch: int, seq: int, group=None) ->
     from scu_sweep.models import fast_ops
     from scu_sweep.scu import mdl
     from scu_sweep.models.lora import apply_lora
+    from scu_sweep.training.data import Corpus
 
     mx.random.seed(0)
     model = Model(ModelArgs(**MODEL))
@@ -102,7 +106,14 @@ def build_mlx_step(variant: str, code: str, batch: int, seq: int, group=None) ->
     try:  # patches hold while the step is traced, by its first two calls, and no longer
         if code == "project":
             installed = fast_ops.install_fast_ops(model)
-        if variant == "scu":
+        if variant == "eval":
+            val = np.random.default_rng(0).integers(0, MODEL["vocab_size"], (VAL_BLOCKS, seq + 1), dtype=np.int32)
+            corpus = Corpus(train=val[:0], val=val)
+            eval_ce = mx.compile(partial(ce_loss, model), inputs=model.state)
+
+            def step(x, y, lam):
+                return mx.array(train.evaluate(model, eval_ce, corpus, batch, VAL_BATCHES))
+        elif variant == "scu":
             train.ce_loss = ce_loss  # make_train_step looks ce_loss up when it traces
             step = train.make_train_step(model, opt, mdl.penalty_coef(SIGMA, TRAIN_TOKENS), group)
         else:
@@ -164,7 +175,8 @@ def mlx_worker(args: argparse.Namespace) -> dict:
     mx.set_default_device(mx.cpu)
     out = {"blas": desc or "stock", "mlx": mx.__version__, "gflops": matmul_gflops()}
     runs = {f"{v}/{code}": build_mlx_step(v, code, args.batch, args.seq)
-            for code in args.code.split(",") for v in args.variants.split(",")}
+            for code in args.code.split(",") for v in args.variants.split(",")
+            if v != "eval" or code == "project"}  # the loop evaluates with the project's code only
     out.update(time_interleaved(runs, args.warmup, args.steps))
     return out
 
@@ -273,7 +285,7 @@ def main() -> None:
     res = {}  # the slow stock run goes last so the others run close together
     load0 = os.getloadavg()[0]
     if "openblas" not in skip:
-        res["openblas"] = child(me + ["--worker", "--variants", "scu,plain", "--code", args.code, *timing], env)
+        res["openblas"] = child(me + ["--worker", "--variants", "scu,plain,eval", "--code", args.code, *timing], env)
     if "torch" not in skip:
         script = str(ROOT / "benchmarks" / "torch_peft_step.py")
         cmd = [args.torch_python, script, *shape, "--threads", str(args.threads), *timing]
@@ -344,6 +356,11 @@ def report(res: dict, args: argparse.Namespace, load0: float) -> None:
     for label, a, b in ratios:
         if a in tps and b in tps:
             print(f"{label}: {tps[a] / tps[b]:.3f}x")
+    ob = res.get("openblas", {})
+    if ob.get("eval/project") and ob.get("scu/project"):
+        ev, st = statistics.median(ob["eval/project"]), statistics.median(ob["scu/project"])
+        print(f"one validation pass ({VAL_BLOCKS} blocks forward, batches of {args.batch}) / one SCU step "
+              f"(project): {ev:.3f} / {st:.3f} s = {ev / st:.2f} steps")
     print(f"load average before / after: {load0:.2f} / {os.getloadavg()[0]:.2f} "
           f"(other work on the machine skews these numbers)")
 
