@@ -3,7 +3,7 @@
 This machine's speed moves by tens of percent within minutes, so two libraries timed in
 separate runs cannot be compared. Here both are loaded (``RTLD_LOCAL``, side by side)
 and each round times one library and then the other on the fp32 ``cblas_sgemm`` shapes of
-a SmolLM2-135M LoRA step (batch 4 x 127 tokens: every projection forward and its input
+a SmolLM2-135M LoRA step (batch 4 x 128 tokens: every projection forward and its input
 gradient, and the fused head's vocabulary blocks), weighted by how often a step calls them:
 
     python benchmarks/bench_blas.py LIB_A LIB_B [--threads 1] [--rounds 40]
@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-ROWS, LAYERS, HEAD_BLOCKS = 4 * 127, 30, 48  # tokens per step; blocks; 49,152 / 1,024 vocabulary columns
+ROWS, LAYERS, HEAD_BLOCKS = 4 * 128, 30, 48  # tokens per step; blocks; 49,152 / 1,024 vocabulary columns
 NO_TRANS, TRANS, ROW_MAJOR = 111, 112, 101
 # (n, k, B transposed, calls per step): C(ROWS x n) = A(ROWS x k) @ op(B)
 SHAPES = [
