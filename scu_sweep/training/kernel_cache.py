@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import os
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import mlx
 import mlx.core as mx
+
+from ..records import atomic_replace
 
 # MLX 0.32's JIT build: g++ -std=c++17 -O3 -Wall -fPIC -shared -I <mlx/include> src.cpp -o lib.so
 JIT_FLAGS = ("-std=c++17", "-O3", "-Wall", "-fPIC")
@@ -57,27 +58,19 @@ def build_precompiled_header() -> bool:
     global _pch_failed
     if _pch_failed:
         return False
-    tmp = None
     try:
         out = precompiled_header()
         if out.exists():
             return True
         include = Path(mlx.__path__[0]) / "include"
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-        done = subprocess.run(["g++", *JIT_FLAGS, "-I", str(include), "-x", "c++-header", str(include / PREAMBLE),
-                               "-o", str(tmp)], capture_output=True, timeout=300)
-        if done.returncode == 0:
-            os.replace(tmp, out)
-            return True
+        atomic_replace(out, lambda tmp: subprocess.run(
+            ["g++", *JIT_FLAGS, "-I", str(include), "-x", "c++-header", str(include / PREAMBLE), "-o", str(tmp)],
+            capture_output=True, timeout=300, check=True))
+        return True
     except (OSError, subprocess.SubprocessError, AttributeError, IndexError):
-        pass
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-    _pch_failed = True
-    return False
+        _pch_failed = True
+        return False
 
 
 def _marker(key: str) -> Path:
