@@ -20,16 +20,21 @@ import ctypes
 import time
 
 import numpy as np
+from bench_step import MODEL  # the SmolLM2-135M shape bench_step.py times
 
-ROWS, LAYERS, HEAD_BLOCKS = 4 * 128, 30, 48  # tokens per step; blocks; 49,152 / 1,024 vocabulary columns
+ROWS = 4 * 128  # tokens per step
+H, FF, LAYERS = MODEL["hidden_size"], MODEL["intermediate_size"], MODEL["num_hidden_layers"]
+KV = H * MODEL["num_key_value_heads"] // MODEL["num_attention_heads"]  # k, v width
+HEAD_COLS = 1024  # training.losses._vocab_block(ROWS, vocab): 2 MB of logits per vocabulary block
+HEAD_BLOCKS = MODEL["vocab_size"] // HEAD_COLS
 NO_TRANS, TRANS, ROW_MAJOR = 111, 112, 101
 # (n, k, B transposed, calls per step): C(ROWS x n) = A(ROWS x k) @ op(B)
 SHAPES = [
-    (576, 576, True, 2 * LAYERS), (192, 576, True, 2 * LAYERS),  # q, o; k, v forward
-    (1536, 576, True, 2 * LAYERS), (576, 1536, True, LAYERS),  # gate, up; down forward
-    (576, 576, False, 2 * LAYERS), (576, 192, False, 2 * LAYERS),  # their input gradients
-    (576, 1536, False, 2 * LAYERS), (1536, 576, False, LAYERS),
-    (1024, 576, True, HEAD_BLOCKS), (576, 1024, False, HEAD_BLOCKS),  # head: logits, hidden gradient
+    (H, H, True, 2 * LAYERS), (KV, H, True, 2 * LAYERS),  # q, o; k, v forward
+    (FF, H, True, 2 * LAYERS), (H, FF, True, LAYERS),  # gate, up; down forward
+    (H, H, False, 2 * LAYERS), (H, KV, False, 2 * LAYERS),  # their input gradients
+    (H, FF, False, 2 * LAYERS), (FF, H, False, LAYERS),
+    (HEAD_COLS, H, True, HEAD_BLOCKS), (H, HEAD_COLS, False, HEAD_BLOCKS),  # head: logits, hidden gradient
 ]
 
 
