@@ -50,9 +50,11 @@ def test_a_cold_graph_runs_in_one_process_at_a_time_then_in_all(tmp_path):
     procs = [_child("graph-a", 1.0, tmp_path) for _ in range(3)]
     runs = sorted((_result(p) for p in procs), key=lambda r: r["entered"])
     first, *rest = runs
-    # the first builds alone; the others enter once it has left, and together (no second wait)
-    assert all(r["entered"] >= first["left"] for r in rest)
-    assert abs(rest[0]["entered"] - rest[1]["entered"]) < 0.5
+    # the first builds alone; the others enter once it has left (or on arrival, if they came
+    # later: a slow interpreter start) without a second wait
+    for r in rest:
+        assert r["entered"] >= first["left"]
+        assert r["entered"] - max(r["asked"], first["left"]) < 0.5
     assert len(list(_kernel_dir(tmp_path).glob(".scu_sweep-*"))) == 1
 
 

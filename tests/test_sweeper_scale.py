@@ -167,7 +167,7 @@ def test_submitit_runs_trials_as_separate_processes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sw = tmp_path / "sw"
     h.run_app(sw, "hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=2", "x=interval(0,1)",
-              "hydra.sweeper.n_trials=3", "step_s=0.2")
+              "hydra.sweeper.n_trials=3", "step_s=0.6")  # ~5 s a trial: two overlap however late one starts
     iv = _intervals(sw)
     assert sorted(iv) == [0, 1, 2] and len({pid for _, _, pid in iv.values()}) == 3
     assert _max_overlap(iv.values()) == 2
