@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,14 @@ def json_safe(obj: Any) -> Any:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same dir, fsync, then rename over ``path``."""
+    """Write to a temp file in the same dir, fsync, then rename over ``path``.
+
+    The temp file is created 0666 less the umask, as ``open`` would create ``path`` (mkstemp's
+    0600 would keep e.g. adapter_config.json from the other users who can read the weights).
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,16 @@ def test_run_writes_the_promised_files(cli_run):
     assert (adapter / "adapters.safetensors").is_file()
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert Path(cfg["model"]).is_dir() and cfg["fine_tune_type"] == "lora"
+
+
+def test_written_files_take_the_umask_like_any_new_file(cli_run):
+    """Atomic writes go through a temp file; it must not keep mkstemp's 0600 (another user who can
+    read the weights could not read adapter_config.json, and mlx_lm.load would fail for them)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("summary.json", "adapters/adapter_config.json", "adapters/README.md",
+                 "adapters/parameter_analysis.json", "adapters/adapters.safetensors", "metrics.jsonl"):
+        assert stat.S_IMODE((cli_run / name).stat().st_mode) == 0o666 & ~mask, name
 
 
 def test_adapter_loads_with_mlx_lm_and_matches_trainable_count(cli_run):
