@@ -60,6 +60,10 @@ def sweep(tmp_path):
     _write_job(d / "1", ["target_s=0.05", "prior.sigma=0.1"],
                failure={"stop_reason": "diverged", "error": "non-finite loss at step 7"},
                metrics=_metrics(7, 0.05))
+    # a job that failed before summary.json: its config as Hydra saves it, interpolations unresolved
+    (d / "1" / ".hydra" / "config.yaml").write_text(
+        "target_s: 0.05\nmodel:\n  prior_sigma: 0.012\ncontroller:\n  kp: ${model.kp}\n"
+        "prior:\n  sigma: ${model.prior_sigma}\nsecret: ${oc.env:NO_SUCH_VARIABLE_HERE}\n")
     _write_job(d / "2", ["target_s=0.5"])  # neither summary nor failure: missing
     pruned = dict(SUMMARY, stop_reason="pruned", prune_reason="unreachable",
                   saturation_step=None, steps_run=9, target_s=0.2)
@@ -96,6 +100,7 @@ def test_sweep_csv_rows_and_values(sweep):
     assert failed["error"] == "non-finite loss at step 7"
     assert failed["overrides"] == "target_s=0.05 prior.sigma=0.1"
     assert failed["target_s"] == "0.05" and failed["final_loss"] == ""
+    assert failed["prior_sigma"] == "0.012" and failed["kp"] == ""  # resolved; unresolvable: empty
     assert missing["state"] == "missing" and missing["stop_reason"] == ""
     assert pruned["stop_reason"] == "pruned" and pruned["prune_reason"] == "unreachable"
     assert pruned["saturation_step"] == "" and pruned["steps_run"] == "9"
@@ -123,6 +128,25 @@ def test_markdown_and_png(sweep):
 
     img = imread(sweep / "sweep_comparison.png")
     assert img.shape[0] > 400 and img.shape[1] > 1200
+
+
+def test_the_sweep_plot_puts_lambda_on_a_log_axis_when_it_spans_decades(tmp_path, monkeypatch):
+    """Judged on the runs' λ only: the saturation verticals on the same axis (y 0..1) once made
+    it linear, every curve flat on zero after λ fell from 1e4."""
+    d = tmp_path / "sweep"
+    for job, target in (("0", 0.03), ("1", 0.05)):
+        rows = [dict(r, **{"lambda": 10.0 ** (4 - r["step"] / 5)}) for r in _metrics(30, target)]
+        _write_job(d / job, [f"target_s={target}"], summary=dict(SUMMARY, target_s=target), metrics=rows)
+    scales = {}
+    draw = plots._log_if_wide
+
+    def spy(ax, values, label):
+        draw(ax, values, label)
+        scales[label] = ax.get_yscale()
+
+    monkeypatch.setattr(plots, "_log_if_wide", spy)
+    report.write_sweep_report(d)
+    assert scales["λ"] == "log"
 
 
 def test_plot_run(tmp_path):

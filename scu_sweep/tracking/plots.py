@@ -42,6 +42,7 @@ def plot_sweep(sweep_dir: Path, jobs: list[Path], rows: list[dict]) -> Path:
 
     fig, (ax_s, ax_l, ax_v) = plt.subplots(1, 3, figsize=(16, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    lambdas: list = []  # every run's λ, for the axis scale (the axis's lines include the verticals)
     for i, (job, row, label) in enumerate(zip(jobs, rows, short_labels(rows))):
         metrics = read_metrics(job)
         c = colors[i % len(colors)]
@@ -54,6 +55,7 @@ def plot_sweep(sweep_dir: Path, jobs: list[Path], rows: list[dict]) -> Path:
         x, lam = _series(metrics, "lambda")
         if x:
             ax_l.plot(x, lam, color=c, lw=1.2, label=label)
+            lambdas += lam
         x, v = _series(metrics, "val_data_bpt")
         if x:
             ax_v.plot(x, v, color=c, marker="o", ms=3, lw=1.2, label=label)
@@ -64,7 +66,7 @@ def plot_sweep(sweep_dir: Path, jobs: list[Path], rows: list[dict]) -> Path:
     ax_s.set(title="S(t) per run (dashed: its target)", xlabel="step", ylabel="S (%)")
     _log_if_wide(ax_s, [r.get("target_s") for r in rows], "S (%)")  # targets span decades?
     ax_l.set(title="λ(t)", xlabel="step")
-    _log_if_wide(ax_l, [float(v) for line in ax_l.lines for v in line.get_ydata()], "λ")
+    _log_if_wide(ax_l, lambdas, "λ")
     ax_v.set(title="validation DataBPT", xlabel="step", ylabel="bits per token")
     for ax in (ax_s, ax_l, ax_v):
         ax.grid(alpha=0.3)

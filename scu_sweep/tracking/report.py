@@ -34,6 +34,14 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(subs, key=lambda p: int(p.name))
 
 
+def _config_value(cfg: dict, key: str) -> Any:
+    """``key`` of a saved job config, its interpolation resolved (``prior.sigma:
+    ${model.prior_sigma}``); None when absent or unresolvable. Only this key is resolved."""
+    from omegaconf import OmegaConf  # lazy: as matplotlib, only where a report is written
+
+    return OmegaConf.select(OmegaConf.create(cfg), key, throw_on_resolution_failure=False)
+
+
 def job_row(job_dir: Path) -> dict:
     """One CSV row for a job: summary.json, else failure.json, else state `missing`."""
     summary = read_json(job_dir / "summary.json")
@@ -43,15 +51,14 @@ def job_row(job_dir: Path) -> dict:
     overrides = read_yaml(job_dir / ".hydra" / "overrides.yaml")
     if overrides is None:
         overrides = src.get("overrides") or []
-    ctl, prior = cfg.get("controller") or {}, cfg.get("prior") or {}
     row: dict[str, Any] = {
         "job": int(job_dir.name),
         "state": "ok" if summary else ("failed" if failure else "missing"),
         "overrides": " ".join(redact_text(str(o)) for o in overrides),
-        "target_s": src.get("target_s", cfg.get("target_s")),
-        "kp": src.get("kp", ctl.get("kp")),
-        "ki": src.get("ki", ctl.get("ki")),
-        "prior_sigma": src.get("prior_sigma", prior.get("sigma")),
+        "target_s": src.get("target_s", _config_value(cfg, "target_s")),
+        "kp": src.get("kp", _config_value(cfg, "controller.kp")),
+        "ki": src.get("ki", _config_value(cfg, "controller.ki")),
+        "prior_sigma": src.get("prior_sigma", _config_value(cfg, "prior.sigma")),
     }
     for k in ("stop_reason", "prune_reason", "saturation_step", "adapter_step", "steps_run"):
         row[k] = src.get(k)
