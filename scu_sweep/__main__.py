@@ -61,7 +61,7 @@ def main(cfg) -> float:
     except (ConfigError, RunFailed) as e:
         code = 2 if isinstance(e, ConfigError) else 1
         if not (run_dir / FAILURE_FILE).exists():
-            write_failure(run_dir, None, str(e))
+            write_failure(run_dir, StopReason.BAD_INPUT if code == 2 else StopReason.ERROR, str(e))
         print(f"scu_sweep: error: {redact_text(str(e))}", file=sys.stderr)
         if sweep:  # one failed job never takes the sweep down
             log.error("job %s failed: %s", hc.job.num, redact_text(str(e)))

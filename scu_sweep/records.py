@@ -20,7 +20,8 @@ class StopReason(str, Enum):
     OUT_OF_MEMORY = "out_of_memory"
     DISK_FULL = "disk_full"
     UNWRITABLE = "unwritable"
-    ERROR = "error"  # anything else that ended a job inside a sweep
+    BAD_INPUT = "bad_input"  # a config or input refused with a one-line error (exit 2)
+    ERROR = "error"  # anything else
     KILLED = "killed"  # the job's worker process died mid-job (OOM killer, segfault)
 
 

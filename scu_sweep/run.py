@@ -41,10 +41,10 @@ class DiskError(ConfigError):
 _OOM_TEXT = ("out of memory", "bad_alloc", "malloc]", "failed to allocate", "attempting to allocate")  # GPU allocators; CPU dies
 
 
-def write_failure(run_dir: Path, stop_reason: StopReason | None, error: str) -> None:
+def write_failure(run_dir: Path, stop_reason: StopReason, error: str) -> None:
     """failure.json, if the disk lets us (a full or read-only disk may not)."""
     try:
-        atomic_write_json(Path(run_dir) / FAILURE_FILE, {"stop_reason": stop_reason and stop_reason.value,
+        atomic_write_json(Path(run_dir) / FAILURE_FILE, {"stop_reason": stop_reason.value,
                                                          "error": redact_text(error)})
     except OSError as e:
         log.warning("could not write %s: %s", FAILURE_FILE, e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -83,12 +84,14 @@ def test_validate_lists_every_offender_at_once():
     assert "target_s=" in str(e.value) and "prior.sigma=" in str(e.value)
 
 
-def _assert_clean_failure(proc, key, run_dir: Path):
-    assert proc.returncode != 0
+def _assert_clean_failure(proc, key, run_dir: Path, reason="bad_input"):
+    assert proc.returncode == (2 if reason == "bad_input" else 1)
     errors = [l for l in proc.stderr.splitlines() if l.startswith("scu_sweep: error:")]
     assert len(errors) == 1 and key in errors[0] and "allowed" in errors[0], proc.stderr[-1500:]
     assert "Traceback" not in proc.stderr
     assert not (run_dir / "summary.json").exists()
+    if (run_dir / "failure.json").exists():  # the reason, never null
+        assert json.loads((run_dir / "failure.json").read_text())["stop_reason"] == reason
 
 
 @pytest.mark.parametrize("override,key", [
@@ -115,7 +118,7 @@ def test_cli_corpus_shorter_than_a_sequence(tmp_path):
 
 def test_cli_non_finite_loss(tmp_path):
     proc = cli(["model=tiny", "logger=none", "train.lr=1e30", "train.steps=20", f"hydra.run.dir={tmp_path}"])
-    _assert_clean_failure(proc, "train.lr", tmp_path)
+    _assert_clean_failure(proc, "train.lr", tmp_path, reason="diverged")
     assert (tmp_path / "failure.json").is_file()
 
 
@@ -123,7 +126,8 @@ def test_a_failing_job_does_not_take_the_multirun_down(tmp_path):
     proc = cli(["-m", "model=tiny", "logger=none", "train.steps=5", "target_s=0.03,1.5", f"hydra.sweep.dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert (tmp_path / "0" / "summary.json").is_file()
-    assert not (tmp_path / "1" / "summary.json").exists() and (tmp_path / "1" / "failure.json").is_file()
+    assert not (tmp_path / "1" / "summary.json").exists()
+    assert json.loads((tmp_path / "1" / "failure.json").read_text())["stop_reason"] == "bad_input"
     assert (tmp_path / "sweep_summary.csv").read_text().count("\n") == 3  # header + 2 jobs
 
 
