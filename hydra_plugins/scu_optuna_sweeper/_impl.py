@@ -216,6 +216,7 @@ class OptunaSweeperImpl(Sweeper):
                  pruning.display_url(self.storage), n_trials, self.cfg["n_jobs"],
                  self.pruner_cfg["_target_"])
         self.n_trials, self.remaining, self.failed, self.stop = n_trials, n_trials, 0, False
+        self.stopped: Optional[str] = None  # why the study stopped launching trials early
         self.error: Optional[BaseException] = None  # first error of a slot thread
         self.verdicts: Dict[int, Verdict] = {}
         self.returns: Dict[int, JobReturn] = {}
@@ -237,9 +238,11 @@ class OptunaSweeperImpl(Sweeper):
             self._write_results(sweep_dir)
         if self.error is not None:
             raise self.error
-        if self.failed > self.cfg["max_failure_rate"] * n_trials:
-            raise HydraException(f"{self.failed} of {len(self.verdicts)} trials failed "
-                                 f"(hydra.sweeper.max_failure_rate={self.cfg['max_failure_rate']})")
+        if self.stopped is not None:
+            # Hydra runs on_multirun_end only after a sweep returns; a study stopped for its
+            # failures has ended too, so its callbacks (the sweep report) run before the error
+            self.hydra_context.callbacks.on_multirun_end(config=self.config)
+            raise HydraException(self.stopped)
         return [[self.returns[n] for n in sorted(self.returns)]]
 
     def _slot(self) -> None:
@@ -306,9 +309,12 @@ class OptunaSweeperImpl(Sweeper):
         self.verdicts[trial.number] = verdict
         if verdict.state == "FAIL":
             self.failed += 1
-            if self.failed > self.cfg["max_failure_rate"] * self.n_trials:
-                log.error("%d trials failed: no new trials (max_failure_rate=%s)",
-                          self.failed, self.cfg["max_failure_rate"])
+            rate = self.cfg["max_failure_rate"]
+            if self.failed > rate * self.n_trials and self.stopped is None:
+                self.stopped = (f"{self.failed} of {len(self.verdicts)} trials failed, more than "
+                                f"hydra.sweeper.max_failure_rate={rate} x n_trials={self.n_trials} "
+                                "allows: no new trials")
+                log.error("%s", self.stopped)
                 self.stop = True
 
     def _write_results(self, sweep_dir: Path) -> None:
@@ -325,6 +331,7 @@ class OptunaSweeperImpl(Sweeper):
             "best_params": dict(best.params) if best else None,
             "best_value": best.value if best else None,
             "best_trial": best.number if best else None,
+            "stopped": self.stopped,  # why no new trials were launched (failures), or null
             "trials": counts,  # this sweep process's trials
             "total_steps": steps,  # training steps of this process's trials together
             "study": {s.name.lower(): n for s, n in _study_counts(self.study).items()},

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from ..tracking.report import write_sweep_report
+from ..tracking.report import job_dirs, job_row, write_sweep_report
+from ..tracking.run_files import read_yaml
 from ..training import core_share
 from ..training.backend import THREAD_VARS
 from .resume import DirLock
@@ -29,6 +30,18 @@ def check_writable(directory: str, key: str) -> None:
         print(f"scu_sweep: error: {key}={directory}: not writable ({e.strerror}); allowed a writable "
               "directory", file=sys.stderr)
         sys.exit(2)
+
+
+def _failure_of(sweep_dir: Path) -> str | None:
+    """Why a finished sweep failed as a whole, or None: an Optuna study that stopped for its
+    failures (``optimization_results.yaml``), or a sweep whose every job failed."""
+    stopped = (read_yaml(sweep_dir / "optimization_results.yaml") or {}).get("stopped")
+    if stopped:
+        return str(stopped)
+    states = [job_row(j)["state"] for j in job_dirs(sweep_dir)]
+    if states and "ok" not in states:
+        return f"all {len(states)} jobs of the sweep failed"
+    return None
 
 
 class SweepReport(Callback):
@@ -65,6 +78,11 @@ class SweepReport(Callback):
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = value
-        path = write_sweep_report(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        path = write_sweep_report(sweep_dir)
         log.info("sweep report: %s", path)
         log.info("sweep finished in %.0f s (model loads included)", time.perf_counter() - self._started)
+        failed = _failure_of(sweep_dir)
+        if failed:
+            print(f"scu_sweep: error: {failed} (see {path})", file=sys.stderr)
+            sys.exit(1)
