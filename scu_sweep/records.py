@@ -36,6 +36,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 # Keys every metrics.jsonl row carries (DESIGN §3); evaluation rows add VAL_KEYS.
 ROW_KEYS = ("step", "loss", "data_bpt", "param_bpt", "s_ratio", "lambda", "integral", "lr", "tokens", "wall_s")
 VAL_KEYS = ("val_loss", "val_data_bpt")
+# The numbers of summary.json an Optuna study can optimise (hydra.sweeper.objective)
+OBJECTIVES = (
+    tuple(f"final.{k}" for k in ("loss", "data_bpt", "param_bpt", "s_ratio", "s_ema", "lambda", "integral",
+                                 "val_loss", "val_data_bpt", "val_s_ratio"))
+    + ("best.val_data_bpt", "best.val_loss", "steps_run", "tokens_seen", "wall_s", "tokens_per_s")
+)
 
 
 def json_safe(obj: Any) -> Any:

@@ -54,6 +54,17 @@ def test_run_writes_the_promised_files(cli_run):
     assert Path(cfg["model"]).is_dir() and cfg["fine_tune_type"] == "lora"
 
 
+def test_every_optuna_objective_is_a_number_of_a_real_summary(cli_run):
+    from scu_sweep.records import OBJECTIVES
+
+    s = json.loads((cli_run / "summary.json").read_text())
+    for key in OBJECTIVES:
+        value = s
+        for part in key.split("."):
+            value = value[part]
+        assert isinstance(value, (int, float)) and math.isfinite(value), key
+
+
 def test_written_files_take_the_umask_like_any_new_file(cli_run):
     """Atomic writes go through a temp file; it must not keep mkstemp's 0600 (another user who can
     read the weights could not read adapter_config.json, and mlx_lm.load would fail for them)."""

@@ -371,10 +371,12 @@ def test_trials_a_live_worker_finished_are_not_counted_as_finished_before(tmp_pa
 
 def test_bad_sweeper_settings_are_named_at_once(tmp_path):
     proc = h.run_app(tmp_path / "sw", "x=interval(0,1)", "hydra.sweeper.direction=up",
-                     "hydra.sweeper.n_jobs=0", check=False)
+                     "hydra.sweeper.n_jobs=0", "hydra.sweeper.objective=final.val_databpt", check=False)
     assert proc.returncode != 0
     assert "hydra.sweeper.direction='up': allowed minimize, maximize" in proc.stderr
     assert "hydra.sweeper.n_jobs=0: allowed an int >= 1" in proc.stderr
+    assert "hydra.sweeper.objective='final.val_databpt': allowed a number of summary.json: " in proc.stderr
+    assert not list((tmp_path / "sw").glob("*/summary.json"))  # before any trial ran
 
 
 def test_a_typo_in_the_search_space_fails_before_any_trial(tmp_path):

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from scu_sweep.records import OBJECTIVES
 from scu_sweep.sweeps import pruning
 from scu_sweep.sweeps.resume import process_token, token_alive
 
@@ -106,7 +107,9 @@ class OptunaSweeperImpl(Sweeper):
         rules = {"direction": (cfg["direction"] in ("minimize", "maximize"), "minimize, maximize"),
                  "n_jobs": (cfg["n_jobs"] >= 1, "an int >= 1"),
                  "n_trials": (cfg["n_trials"] >= 0, "an int >= 0"),
-                 "max_failure_rate": (cfg["max_failure_rate"] >= 0, "a float >= 0")}
+                 "max_failure_rate": (cfg["max_failure_rate"] >= 0, "a float >= 0"),
+                 "objective": (cfg["objective"] in OBJECTIVES, "a number of summary.json: "
+                               + ", ".join(OBJECTIVES))}
         bad = [f"hydra.sweeper.{k}={cfg[k]!r}: allowed {allowed}"
                for k, (ok, allowed) in rules.items() if not ok]
         if bad:
