@@ -113,7 +113,7 @@ def test_cli_corpus_shorter_than_a_sequence(tmp_path):
     short.write_text("too short to fill two blocks\n")
     run_dir = tmp_path / "run"
     proc = cli(["model=tiny", "logger=none", "data=text_files", f"data.paths=[{short}]", f"hydra.run.dir={run_dir}"])
-    _assert_clean_failure(proc, "data", run_dir)
+    _assert_clean_failure(proc, f"data.paths=[{str(short)!r}]", run_dir)
 
 
 def test_cli_non_finite_loss(tmp_path):

@@ -154,7 +154,12 @@ def load_corpus(data_cfg, tokenizer, seq_len: int) -> Corpus:
     stream = token_stream(iter_texts(data_cfg), tokenizer, data_cfg.max_tokens)
     blocks = pack(stream, seq_len)
     if len(blocks) < 2:
-        key = "data.max_tokens" if data_cfg.max_tokens is not None else "data"
+        if data_cfg.max_tokens is not None:
+            key = f"data.max_tokens={data_cfg.max_tokens}"
+        elif data_cfg.get("paths"):
+            key = f"data.paths={list(data_cfg.paths)}"
+        else:
+            key = f"data={data_cfg.name}"
         raise ConfigError(
             f"{key}: corpus has {len(stream)} tokens, fewer than 2 blocks of train.seq_len+1={seq_len + 1}; "
             "allowed a corpus of at least two sequences (one train, one validation)"
