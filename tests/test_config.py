@@ -103,6 +103,21 @@ def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, override, key):
     _assert_clean_failure(proc, key, tmp_path)
 
 
+MODELS = ", ".join(sorted(p.stem for p in (Path(CONF) / "model").glob("*.yaml")))
+
+
+@pytest.mark.parametrize("args,key,options", [
+    (["model=nosuch"], "model=nosuch", MODELS),
+    (["-m", "model=tiny,nosuch"], "model=nosuch", MODELS),  # inside a sweep, before any job runs
+    (["hydra/sweeper/pruner=nosuch"], "hydra/sweeper/pruner=nosuch",
+     "hyperband, median, median_early, none, successive_halving"),  # the plugin's and conf/'s
+])
+def test_an_unknown_group_choice_is_one_line_naming_the_options(tmp_path, args, key, options):
+    proc = cli([*args, "logger=none", f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}"])
+    _assert_clean_failure(proc, key, tmp_path)
+    assert proc.stderr.strip().endswith(f"allowed one of {options}") and not list(tmp_path.iterdir())
+
+
 def test_cli_missing_data_file(tmp_path):
     proc = cli(["model=tiny", "logger=none", "data=text_files", "data.paths=[/no/such.txt]", f"hydra.run.dir={tmp_path}"])
     _assert_clean_failure(proc, "data.paths", tmp_path)
