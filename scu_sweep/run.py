@@ -120,7 +120,8 @@ def _train(model, corpus, cfg, run_dir: Path, log_row, reporter, group, lead: bo
     except Diverged as e:
         if lead:
             write_failure(run_dir, StopReason.DIVERGED, str(e))
-        raise RunFailed(f"train.lr={cfg.train.lr}: {e}; allowed a smaller train.lr or controller.lambda_max") from e
+        raise RunFailed(f"train.lr={cfg.train.lr}: {e}; allowed a smaller train.lr or controller.lambda_max, "
+                        f"or a larger prior.sigma={cfg.prior.sigma} (the penalty's pull grows as 1/σ²)") from e
 
 
 def run(cfg, run_dir: Path, overrides=(), group=None) -> float:
