@@ -88,14 +88,14 @@ def _sweep(args, **env) -> subprocess.CompletedProcess:
 def test_the_last_job_of_a_multirun_takes_the_finished_jobs_core(tmp_path):
     sweep = tmp_path / "sweep"
     # job 1 must still be training when the launcher hands it the core, ~2.5 s after job 0 ends
-    proc = _sweep(["-m", *FAST, "train.steps=2,600", f"hydra.sweep.dir={sweep}"])
+    proc = _sweep(["-m", *FAST, "train.steps=2,600", "train.eval_every=100", f"hydra.sweep.dir={sweep}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = (sweep / "1" / "__main__.log").read_text()
     assert f"1 of the sweep's jobs running on {cpu_count()} cores: {cpu_count()} BLAS threads" in log
     assert "BLAS thread" not in (sweep / "0" / "__main__.log").read_text()
     # the same job alone, with all the cores from its first step: the same numbers
     single = tmp_path / "single"
-    proc = _sweep([*FAST, "train.steps=600", f"hydra.run.dir={single}"])
+    proc = _sweep([*FAST, "train.steps=600", "train.eval_every=100", f"hydra.run.dir={single}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     drop = ("wall_s", "tokens_per_s")
     rows = [[{k: v for k, v in r.items() if k not in drop} for r in read_jsonl(d / "metrics.jsonl")]
