@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from scu_sweep.cli_groups import check_group_choices  # noqa: E402
+from scu_sweep.cli_check import check_command_line  # noqa: E402
 from scu_sweep.config import ConfigError, register  # noqa: E402
 from scu_sweep.ranks import launch  # noqa: E402
 from scu_sweep.records import FAILURE_FILE, SUMMARY_FILE, StopReason  # noqa: E402
@@ -77,5 +77,5 @@ def main(cfg) -> float:
 
 
 if __name__ == "__main__":
-    check_group_choices(sys.argv[1:], CONF_DIR)
+    check_command_line(sys.argv[1:], CONF_DIR)
     main()

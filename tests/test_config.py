@@ -118,6 +118,19 @@ def test_an_unknown_group_choice_is_one_line_naming_the_options(tmp_path, args, 
     assert proc.stderr.strip().endswith(f"allowed one of {options}") and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args,line", [
+    (["target_s=abc"], "target_s=abc: Value 'abc' of type 'str' could not be converted to Float"),
+    (["-m", "train.steps=10,ten"], "train.steps=ten: Value 'ten' of type 'str' could not be converted to Integer"),
+    (["prior.sigma=null"], "prior.sigma=null: field 'prior.sigma' is not Optional"),
+    (["nosuchkey=1"], "nosuchkey=1: no such key; allowed the keys of the composed config"),
+    (["model=tiny", "lora.nosuch=1"], "lora.nosuch=1: no such key"),
+])
+def test_a_wrong_key_or_type_is_one_line_before_anything_runs(tmp_path, args, line):
+    proc = cli([*args, "logger=none", f"hydra.run.dir={tmp_path}", f"hydra.sweep.dir={tmp_path}"])
+    _assert_clean_failure(proc, line.split(":")[0], tmp_path)
+    assert f"scu_sweep: error: {line}" in proc.stderr and not list(tmp_path.iterdir())
+
+
 def test_cli_missing_data_file(tmp_path):
     proc = cli(["model=tiny", "logger=none", "data=text_files", "data.paths=[/no/such.txt]", f"hydra.run.dir={tmp_path}"])
     _assert_clean_failure(proc, "data.paths", tmp_path)

@@ -20,7 +20,7 @@ SOURCES = [ROOT / "scu_sweep", ROOT / "hydra_plugins" / "scu_launcher",
 LAYERS = [
     ("scu", ("scu_sweep.scu",)),  # pure SCU math and rules: stdlib only
     ("base", ("scu_sweep.records", "scu_sweep.paths", "scu_sweep.redact")),  # stdlib only
-    ("config", ("scu_sweep.config", "scu_sweep.validation", "scu_sweep.cli_groups")),
+    ("config", ("scu_sweep.config", "scu_sweep.validation", "scu_sweep.cli_check")),
     ("models", ("scu_sweep.models",)),
     ("training", ("scu_sweep.training",)),
     ("tracking", ("scu_sweep.tracking",)),
