@@ -62,6 +62,8 @@ def command_line_error(argv: List[str], conf_dir: str) -> Optional[str]:
                 if v not in options:
                     return f"{o.key_or_group}={_text(v)}: allowed one of {', '.join(options)}"
             groups.append(f"{o.key_or_group}={values[0]}")
+        if not settings:
+            return None
         try:
             cfg = compose("config", overrides=groups)
         except HydraException:

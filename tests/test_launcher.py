@@ -313,7 +313,7 @@ def test_a_sigkilled_sweep_leaves_no_worker_and_resumes(tmp_path):
     gone and kill themselves (scu_sweep.sweeps.lifeline); they used to train on as orphans. The
     same command then continues both jobs from their checkpoints."""
     sweep = tmp_path / "sweep"
-    args = ["-m", *TINY, "train.steps=400", "train.eval_every=100000", "train.checkpoint_every=5",
+    args = ["-m", *TINY, "train.steps=200", "train.eval_every=100000", "train.checkpoint_every=5",
             "train.batch_size=2", "saturation.enabled=false", "target_s=0.02,0.03",
             f"hydra.sweep.dir={sweep}"]
 
@@ -327,7 +327,7 @@ def test_a_sigkilled_sweep_leaves_no_worker_and_resumes(tmp_path):
     assert proc.wait(timeout=600) == 0, _log(tmp_path)
     for j in ("0", "1"):
         summary = json.loads((sweep / j / "summary.json").read_text())
-        assert summary["steps_run"] == 400 and summary["resumed_from_step"] > 0, summary
+        assert summary["steps_run"] == 200 and summary["resumed_from_step"] > 0, summary
 
 
 @needs_proc
